@@ -1,0 +1,313 @@
+"""SwAV pre-training (Caron et al., NeurIPS 2020): same flags, defaults and math as
+facebookresearch/swav's main_swav.py, on native torch.amp, CPU or CUDA, one process or many."""
+import argparse
+import logging
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from src import distributed as du
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
+from src.engine import (EpochProgress, backward_and_step, build_larc_sgd, build_loader,
+                        gather_to_rank0,
+                        build_lr_schedule, forward_context, prepare_model, resume_training_state,
+                        save_training_state, set_lr, setup_precision)
+from src.multicropdataset import DataError, MultiCropDataset, check_image_folder
+from src.resnet50 import ARCHS, build_backbone
+from src.sinkhorn import distributed_sinkhorn
+from src.utils import bool_flag, fix_random_seeds, initialize_exp
+
+logger = logging.getLogger()
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Implementation of SwAV", add_help=False)
+
+    #########################
+    #### data parameters ####
+    #########################
+    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                        help="path to dataset repository")
+    parser.add_argument("--nmb_crops", type=int, default=[2], nargs="+",
+                        help="list of number of crops (example: [2, 6])")
+    parser.add_argument("--size_crops", type=int, default=[224], nargs="+",
+                        help="crops resolutions (example: [224, 96])")
+    parser.add_argument("--min_scale_crops", type=float, default=[0.14], nargs="+",
+                        help="argument in RandomResizedCrop (example: [0.14, 0.05])")
+    parser.add_argument("--max_scale_crops", type=float, default=[1], nargs="+",
+                        help="argument in RandomResizedCrop (example: [1., 0.14])")
+    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
+                        help="Gaussian blur: PIL radius (final code) or the 23x23-kernel blur of "
+                             "the published runs")
+    parser.add_argument("--strict_data", type=bool_flag, default=False,
+                        help="stop on an unreadable image instead of skipping it with a warning")
+
+    #########################
+    ## swav specific params #
+    #########################
+    parser.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1],
+                        help="list of crops id used for computing assignments")
+    parser.add_argument("--temperature", default=0.1, type=float,
+                        help="temperature parameter in training loss")
+    parser.add_argument("--epsilon", default=0.05, type=float,
+                        help="regularization parameter for Sinkhorn-Knopp algorithm")
+    parser.add_argument("--sinkhorn_iterations", default=3, type=int,
+                        help="number of iterations in Sinkhorn-Knopp algorithm")
+    parser.add_argument("--feat_dim", default=128, type=int, help="feature dimension")
+    parser.add_argument("--nmb_prototypes", default=3000, type=int, help="number of prototypes")
+    parser.add_argument("--queue_length", type=int, default=0,
+                        help="length of the queue (0 for no queue)")
+    parser.add_argument("--epoch_queue_starts", type=int, default=15,
+                        help="from this epoch, we start using a queue")
+
+    #########################
+    #### optim parameters ###
+    #########################
+    parser.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per gpu, i.e. how many unique instances per gpu")
+    parser.add_argument("--base_lr", default=4.8, type=float, help="base learning rate")
+    parser.add_argument("--final_lr", type=float, default=0, help="final learning rate")
+    parser.add_argument("--freeze_prototypes_niters", default=313, type=int,
+                        help="freeze the prototypes during this many iterations from the start")
+    parser.add_argument("--wd", default=1e-6, type=float, help="weight decay")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="number of warmup epochs")
+    parser.add_argument("--start_warmup", default=0, type=float, help="initial warmup learning rate")
+
+    #########################
+    #### dist parameters ###
+    #########################
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="url used to set up distributed training")
+    parser.add_argument("--world_size", default=-1, type=int,
+                        help="number of processes: set automatically from the launcher")
+    parser.add_argument("--rank", default=0, type=int,
+                        help="rank of this process: set automatically from the launcher")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="this argument is not used and should be ignored")
+    parser.add_argument("--dist_timeout_min", default=30, type=int,
+                        help="minutes a collective may wait before the job fails")
+
+    #########################
+    #### other parameters ###
+    #########################
+    parser.add_argument("--arch", default="resnet50", type=str, choices=sorted(ARCHS),
+                        help="convnet architecture")
+    parser.add_argument("--hidden_mlp", default=2048, type=int,
+                        help="hidden layer dimension in projection head")
+    parser.add_argument("--cifar_stem", type=bool_flag, default=False,
+                        help="small images: 3x3 stride-1 stem conv and no max-pool")
+    parser.add_argument("--width", type=int, default=0,
+                        help="stem width of the backbone (0: the arch's default, 64 x widen)")
+    parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
+    parser.add_argument("--checkpoint_freq", type=int, default=25,
+                        help="Save the model periodically")
+    parser.add_argument("--use_fp16", type=bool_flag, default=True,
+                        help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with "
+                             "native bf16, else fp32")
+    parser.add_argument("--amp_dtype", type=str, default="auto",
+                        choices=["auto", "float16", "bfloat16"],
+                        help="autocast dtype under --use_fp16 (auto: fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--sync_bn", type=str, default="pytorch",
+                        help="synchronize bn: pytorch (global), apex (groups), none")
+    parser.add_argument("--syncbn_process_group_size", type=int, default=8,
+                        help="ranks per SyncBN group with --sync_bn apex")
+    parser.add_argument("--dump_path", type=str, default=".",
+                        help="experiment dump path for checkpoints and log")
+    parser.add_argument("--seed", type=int, default=31, help="seed")
+    return parser
+
+
+def check_args(args):
+    """One-line errors for inconsistent flags, before any work."""
+    ncrops = sum(args.nmb_crops)
+    if any(c < 0 or c >= ncrops for c in args.crops_for_assign):
+        raise ValueError(f"--crops_for_assign {args.crops_for_assign} out of range: there are "
+                         f"{ncrops} crops (ids 0..{ncrops - 1})")
+    if ncrops < 2:
+        raise ValueError("SwAV needs at least 2 crops (--nmb_crops)")
+    if args.nmb_prototypes < 1:
+        raise ValueError(f"--nmb_prototypes must be >= 1, got {args.nmb_prototypes}")
+    if args.feat_dim < 1:
+        raise ValueError(f"--feat_dim must be >= 1, got {args.feat_dim}")
+    if args.epsilon <= 0 or args.temperature <= 0:
+        raise ValueError("--epsilon and --temperature must be > 0")
+    check_image_folder(args.data_path)
+
+
+def swav_loss(output, q_per_crop, crops_for_assign, nmb_crops_total, bs, temperature):
+    """Swapped prediction: each assigned crop's codes q predict every other crop's softmax."""
+    loss = 0
+    for crop_id, q in zip(crops_for_assign, q_per_crop):
+        subloss = 0
+        for v in np.delete(np.arange(nmb_crops_total), crop_id):
+            x = output[bs * v: bs * (v + 1)].float() / temperature
+            subloss -= torch.mean(torch.sum(q * F.log_softmax(x, dim=1), dim=1))
+        loss += subloss / (nmb_crops_total - 1)
+    return loss / len(crops_for_assign)
+
+
+def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, scaler=None,
+          start_iter=0, state=None):
+    """One epoch. Returns ((epoch, average loss), queue) like the original's train().
+
+    `state` (a dict) carries `use_the_queue` across a mid-epoch resume."""
+    net = unwrap(model)
+    model.train()
+    state = state if state is not None else {}
+    use_the_queue = state.get("use_the_queue", False)
+    progress = EpochProgress(train_loader, epoch, args, start_iter)
+    ncrops = int(np.sum(args.nmb_crops))
+
+    for it, iteration, inputs in progress:
+        # update learning rate
+        set_lr(optimizer, lr_schedule[iteration])
+
+        # normalize the prototypes
+        with torch.no_grad():
+            w = net.prototypes.weight.data.clone()
+            w = nn.functional.normalize(w, dim=1, p=2)
+            net.prototypes.weight.copy_(w)
+
+        # ============ multi-res forward passes ... ============
+        with forward_context(net, args):
+            embedding, output = model(inputs)
+        embedding = embedding.detach()
+        bs = inputs[0].size(0)
+
+        # ============ swav loss ... ============
+        q_per_crop = []
+        for i, crop_id in enumerate(args.crops_for_assign):
+            with torch.no_grad():
+                out = output[bs * crop_id: bs * (crop_id + 1)].detach()
+                # time to use the queue (scored with the current prototypes)
+                if queue is not None:
+                    if use_the_queue or not torch.all(queue[i, -1, :] == 0):
+                        use_the_queue = True
+                        out = torch.cat((torch.mm(queue[i], net.prototypes.weight.t()), out.float()))
+                    # fill the queue
+                    queue[i, bs:] = queue[i, :-bs].clone()
+                    queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
+                # get assignments
+                q = distributed_sinkhorn(out, args.epsilon, args.sinkhorn_iterations)[-bs:]
+            q_per_crop.append(q)
+        loss = swav_loss(output, q_per_crop, args.crops_for_assign, ncrops, bs, args.temperature)
+
+        # ============ backward and optim step ... ============
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+
+        # ============ misc ... ============
+        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+    state["use_the_queue"] = use_the_queue
+    return (epoch, progress.losses.avg), queue
+
+
+def queue_path(args):
+    return os.path.join(args.dump_path, "queue" + str(args.rank) + ".pth")
+
+
+def load_queue(args, expected_shape, epoch, queues_in_checkpoint=None):
+    """This rank's queue: from the checkpoint (saved with it, so always consistent with it), else
+    from the original's per-rank queue file; checked against the current flags."""
+    path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    if queues_in_checkpoint is not None and len(queues_in_checkpoint) == args.world_size:
+        queue = queues_in_checkpoint[args.rank]
+    else:
+        path = queue_path(args)
+        if not os.path.isfile(path):
+            return None
+        saved = safe_load(path)
+        queue = saved["queue"]
+        if saved.get("epoch", epoch) != epoch:
+            logger.warning(f"{path} was saved at epoch {saved['epoch']} but the checkpoint "
+                           f"resumes at epoch {epoch}: the resumed run will not be exact")
+    if tuple(queue.shape) != tuple(expected_shape):
+        raise CheckpointError(f"{path}: queue of shape {tuple(queue.shape)} does not fit this run "
+                              f"(expected {tuple(expected_shape)} from --crops_for_assign, "
+                              "--queue_length, --batch_size, world size and --feat_dim)")
+    return queue.to(args.device)
+
+
+def main(args):
+    check_args(args)
+    du.init_distributed_mode(args)
+    global_batch = args.batch_size * args.world_size
+    if 0 < args.queue_length < global_batch:
+        raise ValueError(f"--queue_length {args.queue_length} is smaller than the global batch "
+                         f"{global_batch} (--batch_size x processes): the queue would be empty")
+    fix_random_seeds(args.seed)
+    logger_, training_stats = initialize_exp(args, "epoch", "loss")
+
+    # build data
+    train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
+                                     args.min_scale_crops, args.max_scale_crops, blur=args.blur,
+                                     strict_data=args.strict_data)
+    train_loader = build_loader(train_dataset, args)
+    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
+
+    # build model
+    model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
+                           output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
+                           cifar_stem=args.cifar_stem, width=args.width or None)
+    model = prepare_model(model, args)
+    logger.info(model)
+    logger.info("Building model done.")
+
+    # build optimizer and schedule
+    optimizer = build_larc_sgd(model, args)
+    lr_schedule = build_lr_schedule(args, len(train_loader))
+    scaler = setup_precision(args)
+    logger.info("Building optimizer done.")
+
+    # optionally resume from a checkpoint
+    to_restore = resume_training_state(args, model, optimizer, scaler, extra_keys=["queue"])
+    start_epoch = to_restore["epoch"]
+    training_stats.truncate(start_epoch)
+
+    # build the queue (its length rounded down to a multiple of the global batch)
+    args.queue_length -= args.queue_length % (args.batch_size * args.world_size)
+    queue_shape = (len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim)
+    queue = None
+    if args.queue_length > 0:
+        queue = load_queue(args, queue_shape, start_epoch, to_restore["queue"])
+
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    for epoch in range(start_epoch, args.epochs):
+        logger.info("============ Starting epoch %i ... ============" % epoch)
+        train_loader.sampler.set_epoch(epoch)
+
+        # optionally starts a queue
+        if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
+            queue = torch.zeros(queue_shape, device=args.device)
+
+        scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
+                              scaler=scaler)
+        training_stats.update(scores)
+
+        # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
+        # original, in a per-rank queue file)
+        extra = {}
+        if queue is not None:
+            extra["queue"] = gather_to_rank0(queue)
+            atomic_save({"queue": queue, "epoch": epoch + 1}, queue_path(args))
+        save_training_state(args, epoch, model, optimizer, scaler, extra)
+    du.barrier()
+    logger.info("Training done: checkpoint at %s", os.path.join(args.dump_path, "checkpoint.pth.tar"))
+    return training_stats
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser("SwAV pre-training", parents=[get_args_parser()])
+    try:
+        main(parser.parse_args())
+    except (DataError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: {e}")
+    finally:
+        du.destroy()

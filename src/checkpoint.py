@@ -1,0 +1,161 @@
+"""Checkpoints: atomic saves, keyword resume, RNG state, and loading weights safely.
+
+Every file is written to a temporary name then renamed (os.replace is atomic on POSIX), so a
+process killed during a save leaves the previous file intact. Every load uses
+weights_only=True: our checkpoints hold only tensors, numbers, strings, lists and dicts.
+"""
+import logging
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+
+logger = logging.getLogger()
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or weights file that cannot be used; the message names file and problem."""
+
+
+def atomic_save(obj, path):
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def atomic_copy(src, dst):
+    tmp = f"{dst}.tmp{os.getpid()}"
+    try:
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load with weights_only=True and a one-line error naming the file."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # corrupt, truncated, HTML page, pickle with code, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: not a loadable weights file ({first[:200]})") from None
+
+
+# ----------------------------------------------------------------------------- RNG state
+def get_rng_state():
+    """RNG states of torch (CPU, CUDA), numpy and python as weights_only-loadable values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                  "has_gauss": int(np_state[3]), "cached_gaussian": float(np_state[4])},
+        "python": {"version": py_state[0], "state": list(py_state[1]), "gauss": py_state[2]},
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"],
+                         n["has_gauss"], n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        cuda_states = state["cuda"]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+
+
+# ----------------------------------------------------------------------------- resume
+def add_module_prefix(state_dict):
+    """Keys as a DDP-wrapped model has them (`module.`), as the original's checkpoints do."""
+    return {k if k.startswith("module.") else "module." + k: v for k, v in state_dict.items()}
+
+
+def strip_module_prefix(state_dict):
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state_dict.items()}
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def model_state_dict(model):
+    return add_module_prefix(unwrap(model).state_dict())
+
+
+def load_model_state(model, state_dict, path):
+    """Strict load of a training checkpoint's weights into a (possibly DDP-wrapped) model."""
+    target = unwrap(model)
+    state_dict = strip_module_prefix(state_dict)
+    own = target.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        if wrong:
+            k = wrong[0]
+            parts.append(f"{len(wrong)} keys of another shape (e.g. {k}: "
+                         f"{tuple(state_dict[k].shape)} vs {tuple(own[k].shape)})")
+        raise CheckpointError(f"{path}: does not fit this model: " + "; ".join(parts)
+                              + " (different --arch / --feat_dim / --nmb_prototypes / --hidden_mlp?)")
+    target.load_state_dict(state_dict)
+
+
+def restart_from_checkpoint(ckp_paths, run_variables=None, **kwargs):
+    """Load the first existing checkpoint in `ckp_paths` into the objects given by keyword.
+
+    Each keyword names a checkpoint entry; its object is loaded with `load_state_dict` (a model:
+    strictly, `module.` prefix tolerated). Entries in `run_variables` are copied back into it.
+    Returns the path loaded, or None when no checkpoint exists.
+    """
+    if isinstance(ckp_paths, str):
+        ckp_paths = [ckp_paths]
+    path = next((p for p in ckp_paths if os.path.isfile(p)), None)
+    if path is None:
+        return None
+    logger.info("Found checkpoint at {}".format(path))
+    checkpoint = safe_load(path)
+    for key, value in kwargs.items():
+        if value is None:
+            continue
+        # a GradScaler state is saved as "scaler"; the original's apex state as "amp"
+        alias = {"amp": "scaler", "scaler": "amp"}.get(key)
+        if key not in checkpoint and alias in checkpoint:
+            key = alias
+        if key not in checkpoint:
+            logger.warning("=> key '{}' not found in checkpoint '{}'".format(key, path))
+            continue
+        if isinstance(value, torch.nn.Module):
+            load_model_state(value, checkpoint[key], path)
+        else:
+            try:
+                value.load_state_dict(checkpoint[key])
+            except (ValueError, KeyError, RuntimeError) as e:
+                raise CheckpointError(f"{path}: cannot restore '{key}': {e}") from None
+        logger.info("=> loaded '{}' from checkpoint '{}'".format(key, path))
+    if run_variables is not None:
+        for var_name in run_variables:
+            if var_name in checkpoint:
+                run_variables[var_name] = checkpoint[var_name]
+    return path

@@ -1,0 +1,134 @@
+"""Process-group set-up for one process, torchrun / torch.distributed.launch, and Slurm srun.
+
+`init_distributed_mode(args)` sets args.rank, args.world_size, args.local_rank, args.gpu_to_work_on
+and args.device, and initialises the default process group when there is more than one process
+(nccl on CUDA, gloo on CPU). Helpers below fall back to one process when no group exists.
+"""
+import datetime
+import logging
+import os
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger()
+
+
+def _slurm_master_addr():
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return None
+    try:
+        out = subprocess.check_output(["scontrol", "show", "hostnames", nodelist], text=True)
+        return out.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return None
+
+
+def _launcher_env():
+    """(rank, world_size, local_rank, launcher) from the environment; rank None without one."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, torch.distributed.launch
+        local_rank = int(env.get("LOCAL_RANK", 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank, "torchrun"
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and env.get("SLURM_STEP_ID") is not None:
+        return (int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                int(env.get("SLURM_LOCALID", 0)), "slurm")
+    return None, 1, 0, "none"
+
+
+def init_distributed_mode(args):
+    rank, world_size, local_rank, launcher = _launcher_env()
+    if getattr(args, "local_rank", 0) and launcher == "none":
+        local_rank = args.local_rank  # legacy `--local_rank` with a hand-made environment
+    want = getattr(args, "device", "auto") or "auto"
+    use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+
+    if launcher == "none" or world_size == 1:
+        args.rank, args.world_size = 0, 1
+    else:
+        args.rank, args.world_size = rank, world_size
+    args.local_rank = local_rank
+
+    if use_cuda:
+        ngpus = torch.cuda.device_count()
+        if local_rank >= ngpus:
+            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
+                               f"GPU(s); start at most {ngpus} tasks per node")
+        args.gpu_to_work_on = local_rank
+        torch.cuda.set_device(local_rank)
+        args.device = f"cuda:{local_rank}"
+    else:
+        args.gpu_to_work_on = None
+        args.device = "cpu"
+
+    if args.world_size > 1:
+        if launcher == "slurm":
+            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        dist_url = getattr(args, "dist_url", "env://")
+        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=dist_url,
+                                world_size=args.world_size, rank=args.rank, timeout=timeout)
+    return args
+
+
+def is_dist():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_dist() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_dist() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def all_reduce(tensor, op=None):
+    """In-place all-reduce (sum by default); a no-op in one process."""
+    if get_world_size() > 1:
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def barrier():
+    if get_world_size() > 1:
+        dist.barrier()
+
+
+def destroy():
+    if is_dist():
+        dist.destroy_process_group()
+
+
+def convert_sync_batchnorm(model, args):
+    """SyncBN as the original's --sync_bn: 'pytorch' (one global group) or 'apex' (groups of
+    --syncbn_process_group_size ranks, apex's grouping, done with native SyncBatchNorm).
+    Falls back to plain BatchNorm in one process or on the CPU (SyncBN refuses CPU tensors)."""
+    mode = getattr(args, "sync_bn", "pytorch")
+    if mode in (None, "", "none") or get_world_size() == 1:
+        return model
+    if not str(args.device).startswith("cuda"):
+        logger.warning("SyncBatchNorm needs CUDA: using per-process BatchNorm on the CPU")
+        return model
+    process_group = None
+    if mode == "apex":
+        size = args.syncbn_process_group_size
+        if args.world_size % size:
+            raise ValueError(f"--syncbn_process_group_size {size} does not divide the world "
+                             f"size {args.world_size}")
+        # every rank must create every group, in the same order
+        groups = [dist.new_group(list(range(g * size, (g + 1) * size)))
+                  for g in range(args.world_size // size)]
+        process_group = groups[args.rank // size]
+    elif mode != "pytorch":
+        raise ValueError(f"--sync_bn must be pytorch, apex or none, got {mode!r}")
+    return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)

@@ -1,0 +1,227 @@
+"""Multi-crop dataset: for each image, nmb_crops[i] random crops at resolution size_crops[i].
+
+Augmentations as the original: RandomResizedCrop -> flip -> colour distortion (jitter 0.8 with
+p 0.8, grayscale p 0.2) -> Gaussian blur (p 0.5, sigma ~ U[0.1, 2]) -> ToTensor -> Normalize
+(std 0.228, not torchvision's 0.229: kept as in the original).
+
+Randomness comes from torch's RNG only (the original drew the blur coin from numpy, which repeats
+across DataLoader workers). With a `SeededSampler` each sample is augmented from its own seed,
+a function of (seed, epoch, index): the crops do not depend on the number of workers, and a
+resumed run (even mid-epoch) sees exactly the crops an uninterrupted run would have seen.
+"""
+import logging
+import math
+import os
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
+from PIL import Image, ImageFilter
+
+logger = logging.getLogger()
+
+MEAN = [0.485, 0.456, 0.406]
+STD = [0.228, 0.224, 0.225]
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """Unusable data: the message names the path and the problem."""
+
+
+def check_image_folder(path, what="--data_path"):
+    """One-line errors for a missing folder, no class folder, or no image at all."""
+    if not path or not os.path.isdir(path):
+        raise DataError(f"{what} {path!r} does not exist or is not a folder")
+    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
+    if not classes:
+        raise DataError(f"{what} {path!r} has no class sub-folders (expected an ImageFolder: "
+                        f"{path}/<class>/<image>)")
+    counts = {}
+    for c in classes:
+        n = 0
+        for _, _, files in os.walk(os.path.join(path, c), followlinks=True):
+            n += sum(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+        counts[c] = n
+    if sum(counts.values()) == 0:
+        raise DataError(f"{what} {path!r} contains no images with extensions {IMG_EXTENSIONS}")
+    empty = [c for c, n in counts.items() if n == 0]
+    if empty:
+        logger.warning(f"{what} {path!r}: {len(empty)} class folder(s) without images are "
+                       f"ignored: {empty[:5]}")
+    return counts
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder whose unreadable files are skipped with a warning naming them (or, with
+    strict_data, stop the run with the path), and whose empty classes are dropped instead of
+    raising."""
+
+    def __init__(self, root, transform=None, strict_data=False):
+        check_image_folder(root)
+        self.strict_data = strict_data
+        self.nmb_bad_images = 0
+        super().__init__(root, transform=transform, allow_empty=True)
+
+    def find_classes(self, directory):
+        # only classes that hold at least one image, so labels match the data actually present
+        classes, _ = super().find_classes(directory)
+        keep = [c for c in classes if any(
+            f.lower().endswith(IMG_EXTENSIONS)
+            for _, _, files in os.walk(os.path.join(directory, c), followlinks=True) for f in files)]
+        return keep, {c: i for i, c in enumerate(keep)}
+
+    def load_image(self, index):
+        """(PIL image, index actually used): a bad file is replaced by the next good one."""
+        for attempt in range(len(self.samples)):
+            i = (index + attempt) % len(self.samples)
+            path = self.samples[i][0]
+            try:
+                with open(path, "rb") as f:
+                    img = Image.open(f)
+                    img.load()
+                    return img.convert("RGB"), i
+            except Exception as e:
+                if self.strict_data:
+                    raise DataError(f"unreadable image {path}: {e}") from None
+                self.nmb_bad_images += 1
+                logger.warning(f"skipping unreadable image {path}: {e}")
+        raise DataError(f"no readable image in {self.root}")
+
+
+class PILRandomGaussianBlur:
+    """With probability p, PIL Gaussian blur with radius ~ U[radius_min, radius_max]."""
+
+    def __init__(self, p=0.5, radius_min=0.1, radius_max=2.0):
+        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
+
+    def __call__(self, img):
+        if torch.rand(()).item() >= self.prob:
+            return img
+        radius = self.radius_min + (self.radius_max - self.radius_min) * torch.rand(()).item()
+        return img.filter(ImageFilter.GaussianBlur(radius=radius))
+
+
+class KernelGaussianBlur:
+    """The blur behind the published numbers: OpenCV's GaussianBlur with a fixed 23x23 kernel,
+    sigma ~ U[0.1, 2], reflect-101 border, done here in torch (no OpenCV dependency)."""
+
+    def __init__(self, p=0.5, kernel_size=23, sigma_min=0.1, sigma_max=2.0):
+        self.prob, self.kernel_size = p, kernel_size
+        self.sigma_min, self.sigma_max = sigma_min, sigma_max
+
+    def __call__(self, img):
+        if torch.rand(()).item() >= self.prob:
+            return img
+        sigma = self.sigma_min + (self.sigma_max - self.sigma_min) * torch.rand(()).item()
+        x = transforms.functional.pil_to_tensor(img).float().unsqueeze(0)  # 1 x C x H x W
+        half = self.kernel_size // 2
+        t = torch.arange(-half, half + 1, dtype=torch.float32)
+        k = torch.exp(-t ** 2 / (2 * sigma ** 2))
+        k = k / k.sum()
+        c = x.shape[1]
+        pad_h, pad_w = min(half, x.shape[2] - 1), min(half, x.shape[3] - 1)
+        x = F.pad(x, (pad_w, pad_w, pad_h, pad_h), mode="reflect")
+        # images smaller than the kernel: truncate it (and renormalise) to what reflect allows
+        kw = k[half - pad_w: half + pad_w + 1]
+        kh = k[half - pad_h: half + pad_h + 1]
+        kw, kh = kw / kw.sum(), kh / kh.sum()
+        x = F.conv2d(x, kw.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+        x = F.conv2d(x, kh.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)
+        x = x.round_().clamp_(0, 255).to(torch.uint8)[0]
+        return transforms.functional.to_pil_image(x)
+
+
+def get_color_distortion(s=1.0):
+    color_jitter = transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
+    rnd_color_jitter = transforms.RandomApply([color_jitter], p=0.8)
+    rnd_gray = transforms.RandomGrayscale(p=0.2)
+    return transforms.Compose([rnd_color_jitter, rnd_gray])
+
+
+def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops, blur="pil"):
+    """The list of per-crop transforms, crops of resolution 0 first."""
+    if not (len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)):
+        raise ValueError(
+            "--size_crops, --nmb_crops, --min_scale_crops and --max_scale_crops must have the same "
+            f"length, got {len(size_crops)}, {len(nmb_crops)}, {len(min_scale_crops)}, "
+            f"{len(max_scale_crops)}")
+    for lo, hi in zip(min_scale_crops, max_scale_crops):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+    if blur not in ("pil", "opencv"):
+        raise ValueError(f"--blur must be pil or opencv, got {blur!r}")
+    blur_t = PILRandomGaussianBlur() if blur == "pil" else KernelGaussianBlur()
+    trans = []
+    for i in range(len(size_crops)):
+        t = transforms.Compose([
+            transforms.RandomResizedCrop(size_crops[i], scale=(min_scale_crops[i], max_scale_crops[i])),
+            transforms.RandomHorizontalFlip(p=0.5),
+            get_color_distortion(),
+            blur_t,
+            transforms.ToTensor(),
+            transforms.Normalize(mean=MEAN, std=STD),
+        ])
+        trans.extend([t] * nmb_crops[i])
+    return trans
+
+
+class MultiCropDataset(SafeImageFolder):
+    def __init__(self, data_path, size_crops, nmb_crops, min_scale_crops, max_scale_crops,
+                 size_dataset=-1, return_index=False, blur="pil", strict_data=False):
+        self.trans = multicrop_transforms(size_crops, nmb_crops, min_scale_crops,
+                                          max_scale_crops, blur)
+        super().__init__(data_path, strict_data=strict_data)
+        if size_dataset >= 0:
+            self.samples = self.samples[:size_dataset]
+            self.imgs = self.samples
+            self.targets = [s[1] for s in self.samples]
+        self.return_index = return_index
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, _ = self.load_image(index)
+        if seed is None:
+            multi_crops = [t(image) for t in self.trans]
+        else:
+            # in the main process (workers=0) the global RNG must not be disturbed
+            in_main = torch.utils.data.get_worker_info() is None
+            with torch.random.fork_rng(devices=[]) if in_main else nullcontext():
+                torch.default_generator.manual_seed(seed)
+                multi_crops = [t(image) for t in self.trans]
+        if self.return_index:
+            return index, multi_crops
+        return multi_crops
+
+
+class SeededSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler that (a) can start an epoch at a given batch, for mid-epoch resume,
+    and (b) optionally yields (index, seed) so each sample has its own augmentation seed."""
+
+    def __init__(self, dataset, num_replicas=1, rank=0, seed=0, batch_size=1, seeded=True,
+                 shuffle=True):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, seed=seed, shuffle=shuffle)
+        self.batch_size = batch_size
+        self.seeded = seeded
+        self.start_iter = 0
+
+    def set_epoch(self, epoch, start_iter=0):
+        super().set_epoch(epoch)
+        self.start_iter = start_iter
+
+    def __iter__(self):
+        indices = list(super().__iter__())[self.start_iter * self.batch_size:]
+        if not self.seeded:
+            return iter(indices)
+        base = (self.seed * 1_000_003 + self.epoch) * 10_000_019
+        return iter((i, (base + i) % (2 ** 63)) for i in indices)
+
+    def __len__(self):
+        return max(0, self.num_samples - self.start_iter * self.batch_size)
+
+
+def epoch_len(dataset_size, batch_size, world_size):
+    """Iterations per epoch with drop_last, as len(DataLoader) would report."""
+    return math.ceil(dataset_size / world_size) // batch_size

@@ -1,0 +1,38 @@
+import os
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
+    """A tiny ImageFolder of textured random JPEGs: root/class_k/img_i.jpg."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = os.path.join(root, f"class_{c}")
+        os.makedirs(d, exist_ok=True)
+        for i in range(per_class):
+            base = rng.integers(0, 255, size=(1, 1, 3))
+            noise = rng.integers(0, 60, size=(size, size, 3))
+            arr = np.clip(base + noise + c * 30, 0, 255).astype(np.uint8)
+            Image.fromarray(arr).save(os.path.join(d, f"img_{i}.jpg"), quality=90)
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(str(tmp_path / "data"))
+
+
+def tiny_swav_argv(data, dump, extra=()):
+    """The issue's tiny CPU configuration of main_swav.py."""
+    return ["--data_path", data, "--epochs", "2", "--batch_size", "8", "--nmb_crops", "2", "2",
+            "--size_crops", "32", "16", "--min_scale_crops", "0.3", "0.1", "--max_scale_crops",
+            "1", "0.3", "--nmb_prototypes", "20", "--feat_dim", "16", "--hidden_mlp", "64",
+            "--workers", "0", "--use_fp16", "false", "--checkpoint_freq", "1", "--dump_path", dump,
+            "--arch", "resnet18", "--width", "8", "--cifar_stem", "true", *extra]
