@@ -3,7 +3,6 @@ facebookresearch/swav's main_swav.py, on native torch.amp, CPU or CUDA, one proc
 import argparse
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -11,13 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from src import distributed as du
+from src import preemption
 from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
+from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
 from src.engine import (EpochProgress, backward_and_step, build_larc_sgd, build_loader,
                         gather_to_rank0,
                         build_lr_schedule, forward_context, prepare_model, resume_training_state,
                         save_training_state, set_lr, setup_precision)
-from src.multicropdataset import DataError, MultiCropDataset, check_image_folder
-from src.resnet50 import ARCHS, build_backbone
+from src.monitor import CollapseMonitor, add_collapse_args
+from src.multicropdataset import MultiCropDataset, check_image_folder
+from src.resnet50 import build_backbone
 from src.sinkhorn import distributed_sinkhorn
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -63,6 +65,7 @@ def get_args_parser():
                         help="length of the queue (0 for no queue)")
     parser.add_argument("--epoch_queue_starts", type=int, default=15,
                         help="from this epoch, we start using a queue")
+    add_collapse_args(parser)  # --stop_on_collapse, --collapse_patience
 
     #########################
     #### optim parameters ###
@@ -81,46 +84,15 @@ def get_args_parser():
     #########################
     #### dist parameters ###
     #########################
-    parser.add_argument("--dist_url", default="env://", type=str,
-                        help="url used to set up distributed training")
-    parser.add_argument("--world_size", default=-1, type=int,
-                        help="number of processes: set automatically from the launcher")
-    parser.add_argument("--rank", default=0, type=int,
-                        help="rank of this process: set automatically from the launcher")
-    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="this argument is not used and should be ignored")
-    parser.add_argument("--dist_timeout_min", default=30, type=int,
-                        help="minutes a collective may wait before the job fails")
+    add_distributed_args(parser)
 
     #########################
     #### other parameters ###
     #########################
-    parser.add_argument("--arch", default="resnet50", type=str, choices=sorted(ARCHS),
-                        help="convnet architecture")
+    add_backbone_args(parser)
     parser.add_argument("--hidden_mlp", default=2048, type=int,
                         help="hidden layer dimension in projection head")
-    parser.add_argument("--cifar_stem", type=bool_flag, default=False,
-                        help="small images: 3x3 stride-1 stem conv and no max-pool")
-    parser.add_argument("--width", type=int, default=0,
-                        help="stem width of the backbone (0: the arch's default, 64 x widen)")
-    parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
-    parser.add_argument("--checkpoint_freq", type=int, default=25,
-                        help="Save the model periodically")
-    parser.add_argument("--use_fp16", type=bool_flag, default=True,
-                        help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with "
-                             "native bf16, else fp32")
-    parser.add_argument("--amp_dtype", type=str, default="auto",
-                        choices=["auto", "float16", "bfloat16"],
-                        help="autocast dtype under --use_fp16 (auto: fp16 on CUDA, bf16 on CPU)")
-    parser.add_argument("--device", type=str, default="auto",
-                        help="auto (CUDA when available), cuda or cpu")
-    parser.add_argument("--sync_bn", type=str, default="pytorch",
-                        help="synchronize bn: pytorch (global), apex (groups), none")
-    parser.add_argument("--syncbn_process_group_size", type=int, default=8,
-                        help="ranks per SyncBN group with --sync_bn apex")
-    parser.add_argument("--dump_path", type=str, default=".",
-                        help="experiment dump path for checkpoints and log")
-    parser.add_argument("--seed", type=int, default=31, help="seed")
+    add_run_args(parser)
     return parser
 
 
@@ -154,7 +126,7 @@ def swav_loss(output, q_per_crop, crops_for_assign, nmb_crops_total, bs, tempera
 
 
 def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, scaler=None,
-          start_iter=0, state=None):
+          start_iter=0, state=None, monitor=None):
     """One epoch. Returns ((epoch, average loss), queue) like the original's train().
 
     `state` (a dict) carries `use_the_queue` across a mid-epoch resume."""
@@ -162,7 +134,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
     model.train()
     state = state if state is not None else {}
     use_the_queue = state.get("use_the_queue", False)
-    progress = EpochProgress(train_loader, epoch, args, start_iter)
+    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
     ncrops = int(np.sum(args.nmb_crops))
 
     for it, iteration, inputs in progress:
@@ -204,6 +176,10 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
 
         # ============ misc ... ============
         progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+        if monitor is not None:  # collapse: loss at ln(K) (warns, or stops every rank)
+            monitor.update(loss.detach(), codes=q_per_crop, iteration=iteration)
+    if monitor is not None:
+        monitor.epoch_summary(epoch)
     state["use_the_queue"] = use_the_queue
     return (epoch, progress.losses.avg), queue
 
@@ -212,21 +188,23 @@ def queue_path(args):
     return os.path.join(args.dump_path, "queue" + str(args.rank) + ".pth")
 
 
-def load_queue(args, expected_shape, epoch, queues_in_checkpoint=None):
-    """This rank's queue: from the checkpoint (saved with it, so always consistent with it), else
-    from the original's per-rank queue file; checked against the current flags."""
-    path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    if queues_in_checkpoint is not None and len(queues_in_checkpoint) == args.world_size:
-        queue = queues_in_checkpoint[args.rank]
+def load_queue(args, expected_shape, epoch, to_restore):
+    """This rank's queue at resume. A checkpoint of ours holds every rank's queue (saved with
+    it, so always consistent); for a checkpoint of the original, read its per-rank queue file.
+    The queue is checked against the current flags."""
+    if to_restore.get("args") is not None:  # written by this code base
+        queues = to_restore.get("queue")
+        if queues is None:
+            return None
+        if len(queues) != args.world_size:
+            raise CheckpointError(f"the checkpoint holds queues of {len(queues)} processes, this "
+                                  f"run has {args.world_size}: resume with the same world size")
+        path, queue = os.path.join(args.dump_path, "checkpoint.pth.tar"), queues[args.rank]
     else:
         path = queue_path(args)
         if not os.path.isfile(path):
             return None
-        saved = safe_load(path)
-        queue = saved["queue"]
-        if saved.get("epoch", epoch) != epoch:
-            logger.warning(f"{path} was saved at epoch {saved['epoch']} but the checkpoint "
-                           f"resumes at epoch {epoch}: the resumed run will not be exact")
+        queue = safe_load(path)["queue"]
     if tuple(queue.shape) != tuple(expected_shape):
         raise CheckpointError(f"{path}: queue of shape {tuple(queue.shape)} does not fit this run "
                               f"(expected {tuple(expected_shape)} from --crops_for_assign, "
@@ -243,6 +221,7 @@ def main(args):
                          f"{global_batch} (--batch_size x processes): the queue would be empty")
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
+    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
 
     # build data
     train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
@@ -266,48 +245,54 @@ def main(args):
     logger.info("Building optimizer done.")
 
     # optionally resume from a checkpoint
-    to_restore = resume_training_state(args, model, optimizer, scaler, extra_keys=["queue"])
+    to_restore = resume_training_state(args, model, optimizer, scaler,
+                                       extra_keys=["queue", "args"])
     start_epoch = to_restore["epoch"]
     training_stats.truncate(start_epoch)
+    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
+    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
 
     # build the queue (its length rounded down to a multiple of the global batch)
     args.queue_length -= args.queue_length % (args.batch_size * args.world_size)
     queue_shape = (len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim)
     queue = None
     if args.queue_length > 0:
-        queue = load_queue(args, queue_shape, start_epoch, to_restore["queue"])
+        queue = load_queue(args, queue_shape, start_epoch, to_restore)
 
     if str(args.device).startswith("cuda"):
         torch.backends.cudnn.benchmark = True
+    # the loss sits near ln(K) while the prototypes are frozen: count from their release
+    monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,
+                                        start_iter=args.freeze_prototypes_niters)
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
-        train_loader.sampler.set_epoch(epoch)
+        train_loader.sampler.set_epoch(epoch, start_iter)
 
         # optionally starts a queue
         if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
             queue = torch.zeros(queue_shape, device=args.device)
 
         scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
-                              scaler=scaler)
-        training_stats.update(scores)
+                              scaler=scaler, monitor=monitor, start_iter=start_iter, state=state)
+        stopped_at = state.pop("stopped_at", None)  # the epoch was cut by a stop request
+        if stopped_at is None:
+            training_stats.update(scores)
 
         # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
         # original, in a per-rank queue file)
-        extra = {}
+        extra = {"epoch_state": state} if stopped_at else {}
         if queue is not None:
             extra["queue"] = gather_to_rank0(queue)
-            atomic_save({"queue": queue, "epoch": epoch + 1}, queue_path(args))
-        save_training_state(args, epoch, model, optimizer, scaler, extra)
+            atomic_save({"queue": queue, "epoch": epoch + (0 if stopped_at else 1)},
+                        queue_path(args))
+        save_training_state(args, epoch, model, optimizer, scaler, extra, start_iter=stopped_at)
+        if preemption.should_stop() and (stopped_at or epoch + 1 < args.epochs):
+            preemption.exit_after_checkpoint(args)  # requeues under Slurm; raises SystemExit
+        start_iter, state = 0, {}
     du.barrier()
     logger.info("Training done: checkpoint at %s", os.path.join(args.dump_path, "checkpoint.pth.tar"))
     return training_stats
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser("SwAV pre-training", parents=[get_args_parser()])
-    try:
-        main(parser.parse_args())
-    except (DataError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: {e}")
-    finally:
-        du.destroy()
+    run_main(main, argparse.ArgumentParser("SwAV pre-training", parents=[get_args_parser()]))

@@ -6,7 +6,9 @@ weights_only=True: our checkpoints hold only tensors, numbers, strings, lists an
 """
 import logging
 import os
+import pickle
 import random
+import re
 import shutil
 
 import numpy as np
@@ -35,6 +37,8 @@ def atomic_copy(src, dst):
     tmp = f"{dst}.tmp{os.getpid()}"
     try:
         shutil.copyfile(src, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):
@@ -48,8 +52,36 @@ def safe_load(path, map_location="cpu"):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, HTML page, pickle with code, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: not a loadable weights file ({first[:200]})") from None
+        raise CheckpointError(f"{path}: not a loadable weights file "
+                              f"({describe_load_error(path, e)})") from None
+
+
+def describe_load_error(path, error):
+    """One short reason for a failed torch.load; its own message is often paragraphs long."""
+    text = str(error)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(64)
+    except OSError:
+        head = b"?"
+    if not head:
+        return "empty file: an interrupted download?"
+    if head.lstrip()[:1] == b"<":
+        return "an HTML/XML page, not weights: a failed download or an error page saved as the file?"
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if unsafe and unsafe.group(1).startswith("torch."):  # e.g. a name cut short by truncation
+        return f"corrupt or truncated, or holds a torch object that is not weights ({unsafe.group(1)})"
+    if unsafe:
+        return (f"refused to unpickle {unsafe.group(1)}: the file holds Python objects, not only "
+                "tensors, and loading them could run code")
+    if "central directory" in text or "PytorchStreamReader" in text:
+        return "corrupt or truncated zip archive"
+    if isinstance(error, (EOFError, pickle.UnpicklingError)) or "WeightsUnpickler" in text:
+        detail = re.search(r"WeightsUnpickler error: \s*(.+)", text)
+        return "corrupt, truncated or not a PyTorch file" + (
+            f" ({detail.group(1).strip()[:100]})" if detail else "")
+    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    return first[:200]
 
 
 # ----------------------------------------------------------------------------- RNG state
@@ -122,20 +154,77 @@ def load_model_state(model, state_dict, path):
     target.load_state_dict(state_dict)
 
 
-def restart_from_checkpoint(ckp_paths, run_variables=None, **kwargs):
+def checkpoint_candidates(dump_path):
+    """Where a run in `dump_path` resumes from, best first: checkpoint.pth.tar, then the
+    periodic copies checkpoints/ckp-N.pth, newest first."""
+    folder = os.path.join(dump_path, "checkpoints")
+    numbered = []
+    if os.path.isdir(folder):
+        for name in os.listdir(folder):
+            m = re.fullmatch(r"ckp-(\d+)\.pth", name)
+            if m:
+                numbered.append((int(m.group(1)), os.path.join(folder, name)))
+    return [os.path.join(dump_path, "checkpoint.pth.tar")] + [p for _, p in sorted(numbered)[::-1]]
+
+
+def load_first_good(paths):
+    """(path, checkpoint) of the first existing file in `paths` that loads. A file that exists
+    but does not load is skipped with a warning naming it. (None, None) when none exists; a
+    CheckpointError when some exist and none loads: never a silent start from scratch."""
+    existing = [p for p in paths if os.path.isfile(p)]
+    failures = []
+    for path in existing:
+        try:
+            checkpoint = safe_load(path)
+            if not isinstance(checkpoint, dict):
+                raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a dict")
+        except CheckpointError as e:
+            failures.append(str(e))
+            logger.warning(f"cannot resume from {e}; trying the previous checkpoint")
+            continue
+        if failures:
+            logger.warning(f"resuming from {path} (epoch {checkpoint.get('epoch', '?')}), the "
+                           f"newest loadable checkpoint: later epochs are trained again")
+        elif path != paths[0]:
+            logger.warning(f"{paths[0]} is missing: resuming from {path}")
+        return path, checkpoint
+    if failures:
+        raise CheckpointError(f"no loadable checkpoint among {len(existing)} file(s): "
+                              f"{failures[0]} (move them away to start from scratch)")
+    return None, None
+
+
+def remove_stale_tmp_files(*folders):
+    """Remove the temporary files of saves interrupted by a crash (atomic_save's `.tmp<pid>`)."""
+    for folder in folders:
+        if not os.path.isdir(folder):
+            continue
+        for name in os.listdir(folder):
+            if re.search(r"\.tmp\d+$", name):
+                logger.info(f"removing {name}: left by an interrupted save")
+                os.remove(os.path.join(folder, name))
+
+
+def restart_from_checkpoint(ckp_paths, run_variables=None, fallback=False, **kwargs):
     """Load the first existing checkpoint in `ckp_paths` into the objects given by keyword.
 
     Each keyword names a checkpoint entry; its object is loaded with `load_state_dict` (a model:
     strictly, `module.` prefix tolerated). Entries in `run_variables` are copied back into it.
+    With fallback=True, a file that does not load is skipped (warning) for the next one.
     Returns the path loaded, or None when no checkpoint exists.
     """
     if isinstance(ckp_paths, str):
         ckp_paths = [ckp_paths]
-    path = next((p for p in ckp_paths if os.path.isfile(p)), None)
-    if path is None:
-        return None
+    if fallback:
+        path, checkpoint = load_first_good(ckp_paths)
+        if path is None:
+            return None
+    else:
+        path = next((p for p in ckp_paths if os.path.isfile(p)), None)
+        if path is None:
+            return None
+        checkpoint = safe_load(path)
     logger.info("Found checkpoint at {}".format(path))
-    checkpoint = safe_load(path)
     for key, value in kwargs.items():
         if value is None:
             continue

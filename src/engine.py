@@ -11,9 +11,11 @@ import torch
 import torch.nn as nn
 
 from . import distributed as du
+from . import preemption
 from .amp import autocast, make_scaler, resolve_amp, scaler_state_from_apex
-from .checkpoint import (atomic_copy, atomic_save, get_rng_state,
-                         model_state_dict, restart_from_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, atomic_copy, atomic_save, checkpoint_candidates,
+                         get_rng_state, model_state_dict, remove_stale_tmp_files,
+                         restart_from_checkpoint, set_rng_state)
 from .lars import LARC
 from .multicropdataset import SeededSampler
 from .utils import AverageMeter, cosine_lr_schedule
@@ -69,7 +71,9 @@ def setup_precision(args):
     dtype, use_scaler, reason = resolve_amp(args.use_fp16, getattr(args, "amp_dtype", "auto"),
                                             args.device)
     logger.info(f"precision: {reason}")
-    return make_scaler(use_scaler, args.device)
+    scaler = make_scaler(use_scaler, args.device)
+    scaler.nonfinite_guard = NonFiniteGuard(getattr(args, "max_nonfinite_steps", 20))
+    return scaler
 
 
 # ----------------------------------------------------------------------------- the step
@@ -89,12 +93,16 @@ def forward_context(model, args):
 def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototypes_niters=0):
     """zero_grad, (scaled) backward, drop prototype grads while frozen, optimiser step.
 
-    Raises NonFiniteLossError for a NaN/inf loss before touching the weights."""
-    if not torch.isfinite(loss.detach()):
+    Without a loss scaler, a NaN/inf loss or gradient raises NonFiniteLossError before the
+    weights are touched. Under an fp16 GradScaler an overflow skips the step (normal now and
+    then); `scaler.nonfinite_guard` (see setup_precision) stops after too many in a row."""
+    scaled = scaler is not None and scaler.is_enabled()
+    loss_finite = bool(torch.isfinite(loss.detach()))
+    if not loss_finite and not scaled:
         raise NonFiniteLossError(f"loss is {loss.item()} at iteration {iteration}: stopping "
                                  "(the last checkpoint was not overwritten)")
     optimizer.zero_grad(set_to_none=True)
-    if scaler is not None and scaler.is_enabled():
+    if scaled:
         scaler.scale(loss).backward()
     else:
         loss.backward()
@@ -102,29 +110,104 @@ def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototyp
         for name, p in model.named_parameters():
             if "prototypes" in name:
                 p.grad = None
-    if scaler is not None and scaler.is_enabled():
+    if scaled:
         # unscale before LARC: its trust ratio needs the true gradient norms
         scaler.unscale_(optimizer.optim if isinstance(optimizer, LARC) else optimizer)
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        # the scaler backs off its scale exactly when it found an inf/NaN and skipped the step
+        skipped = scaler.get_scale() < scale or not loss_finite
+        guard = getattr(scaler, "nonfinite_guard", None)
+        if guard is None:
+            guard = scaler.nonfinite_guard = NonFiniteGuard()
+        guard.record(skipped, iteration, loss.item(), scaler.get_scale())
     else:
+        bad = first_nonfinite_grad(model)
+        if bad is not None:
+            raise NonFiniteLossError(f"non-finite gradient of {bad} at iteration {iteration} "
+                                     f"(loss {loss.item():.4f}): stopping before the update (the "
+                                     "last checkpoint was not overwritten)")
         optimizer.step()
 
 
-class EpochProgress:
-    """Iterates a loader with data/batch timers and the original's 50-iteration log line."""
+def first_nonfinite_grad(model):
+    """Name of the first parameter whose gradient holds a NaN/inf, else None (one device sync)."""
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    finite = torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in named])))
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
 
-    def __init__(self, loader, epoch, args, start_iter=0, log_freq=50):
+
+class NonFiniteGuard:
+    """Counts optimiser steps skipped for a non-finite loss or gradient under an fp16 loss
+    scaler; `max_steps` in a row mean the run diverged (the scale only keeps halving): stop."""
+
+    def __init__(self, max_steps=20):
+        if max_steps < 1:
+            raise ValueError(f"--max_nonfinite_steps must be >= 1, got {max_steps}")
+        self.max_steps, self.consecutive, self.total = max_steps, 0, 0
+
+    def record(self, skipped, iteration, loss, scale):
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        logger.debug(f"iteration {iteration}: non-finite values, step skipped (loss {loss}, "
+                     f"loss scale now {scale:g})")
+        if self.consecutive >= self.max_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive steps skipped for a non-finite loss or gradient "
+                f"under the fp16 loss scaler, the last at iteration {iteration} (loss {loss}, "
+                f"scale now {scale:g}): stopping (--max_nonfinite_steps {self.max_steps}; the "
+                "last checkpoint was not overwritten)")
+
+
+class EpochProgress:
+    """Iterates a loader with data/batch timers and the original's 50-iteration log line.
+
+    Preemption (src/preemption.py, once installed): after each step every rank asks whether a
+    stop was requested; if so, and steps remain, the epoch ends early with `stopped_at` = the
+    next iteration. `state` (the entry point's per-epoch dict, saved in a mid-epoch checkpoint)
+    then gets "stopped_at" and "loss_meter" ([sum, count]), and a resumed epoch given that state
+    continues the loss average, so the epoch's stats row equals an uninterrupted run's."""
+
+    def __init__(self, loader, epoch, args, start_iter=0, log_freq=50, state=None):
         self.loader, self.epoch, self.args = loader, epoch, args
         self.start_iter, self.log_freq = start_iter, log_freq
         self.batch_time, self.data_time, self.losses = AverageMeter(), AverageMeter(), AverageMeter()
         self.niter_per_ep = start_iter + len(loader)
+        self.state, self.stopped_at = state, None
+        if state is not None and state.get("loss_meter") and start_iter > 0:
+            self.losses.sum, self.losses.count = state["loss_meter"]
+            self.losses.avg = self.losses.sum / max(self.losses.count, 1)
 
     def __iter__(self):
         self.end = time.time()
         for it, batch in enumerate(self.loader, start=self.start_iter):
             self.data_time.update(time.time() - self.end)
             yield it, self.epoch * self.niter_per_ep + it, batch
+            # collective: every rank asks after the same step; a stop after the last step is
+            # an ordinary end of epoch
+            if preemption.should_stop() and it + 1 < self.niter_per_ep:
+                self.stopped_at = it + 1
+                if self.state is not None:
+                    self.state["stopped_at"] = self.stopped_at
+                    self.state["loss_meter"] = [self.losses.sum, self.losses.count]
+                logger.info(f"epoch {self.epoch} stopped after iteration {it} of "
+                            f"{self.niter_per_ep}")
+                break
+        # unreadable images were skipped (in the loader workers): say how many this epoch
+        nbad = getattr(self.loader.dataset, "pop_bad_images", lambda: 0)()
+        if nbad:
+            on_rank = f" on rank {self.args.rank}" if getattr(self.args, "world_size", 1) > 1 else ""
+            logger.warning(f"epoch {self.epoch}: {nbad} unreadable image(s) skipped{on_rank}, "
+                           "each replaced by the next readable one (the warnings above name "
+                           "them; --strict_data stops on the first instead)")
 
     def update(self, it, loss, n, lr):
         """Record this iteration's loss; log every `log_freq` iterations on rank 0."""
@@ -143,28 +226,46 @@ class EpochProgress:
                     loss=self.losses, lr=lr, eta=eta))
 
 
+def run_epochs(train_loader, start_epoch, args, start_iter=0):
+    """The frame of an entry point's epoch loop: yields start_epoch .. args.epochs - 1, each
+    logged and with the sampler set to it (the first one from batch `start_iter`, for a
+    mid-epoch resume; cudnn autotuning on CUDA); once the loop is done, every rank waits for the
+    others and the end is logged."""
+    if str(args.device).startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    for epoch in range(start_epoch, args.epochs):
+        logger.info("============ Starting epoch %i ... ============" % epoch)
+        train_loader.sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)
+        yield epoch
+    du.barrier()
+    logger.info("Training done: checkpoint at %s",
+                os.path.join(args.dump_path, "checkpoint.pth.tar"))
+
+
 def set_lr(optimizer, lr):
+    """Set every group's rate, except groups marked `fix_lr` (SimSiam's --fix_pred_lr)."""
     for param_group in optimizer.param_groups:
+        if param_group.get("fix_lr", False):
+            continue
         param_group["lr"] = float(lr)  # a numpy scalar would not load with weights_only
 
 
 # ----------------------------------------------------------------------------- state
 def gather_to_rank0(tensor):
     """Stack every rank's tensor (same shape) on the CPU: [world_size, ...] (all ranks call)."""
-    if du.get_world_size() == 1:
-        return tensor.detach().cpu().unsqueeze(0)
-    parts = [torch.empty_like(tensor) for _ in range(du.get_world_size())]
-    torch.distributed.all_gather(parts, tensor.contiguous())
-    return torch.stack(parts).cpu()
+    return torch.stack([t.detach() for t in du.all_gather(tensor)]).cpu()
 
 
-def save_training_state(args, epoch, model, optimizer, scaler, extra=None):
+def save_training_state(args, epoch, model, optimizer, scaler, extra=None, start_iter=0):
     """Rank 0 writes dump_path/checkpoint.pth.tar atomically (original keys, `module.` prefix)
-    and copies it to checkpoints/ckp-{epoch}.pth every checkpoint_freq epochs and at the end."""
+    and copies it to checkpoints/ckp-{epoch}.pth every checkpoint_freq epochs and at the end.
+
+    start_iter > 0: a mid-epoch checkpoint (preemption): "epoch" is this epoch (not the next)
+    and "start_iter" the iteration to resume at; it is not copied to checkpoints/."""
     if args.rank != 0:
         return
     save_dict = {
-        "epoch": epoch + 1,
+        "epoch": epoch + 1 if not start_iter else epoch,
         "state_dict": model_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "rng": get_rng_state(),
@@ -173,20 +274,33 @@ def save_training_state(args, epoch, model, optimizer, scaler, extra=None):
     }
     if scaler is not None and scaler.is_enabled():
         save_dict["scaler"] = scaler.state_dict()
+    if start_iter:
+        save_dict["start_iter"] = int(start_iter)
     save_dict.update(extra or {})
     path = os.path.join(args.dump_path, "checkpoint.pth.tar")
     atomic_save(save_dict, path)
-    if epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1:
+    if start_iter:
+        logger.info(f"mid-epoch checkpoint: epoch {epoch} resumes at iteration {start_iter}")
+    elif epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1:
         atomic_copy(path, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
 
 
 def resume_training_state(args, model, optimizer, scaler, extra_keys=()):
-    """Resume from dump_path/checkpoint.pth.tar when present. Returns the run variables:
-    epoch, rng and the entries named in `extra_keys` (None when absent)."""
-    to_restore = {"epoch": 0, "rng": None, **{k: None for k in extra_keys}}
-    path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    """Resume from `--resume PATH` (must load), else from dump_path/checkpoint.pth.tar or, when
+    that one is corrupt, the newest loadable checkpoints/ckp-N.pth (with a warning). Returns the
+    run variables: epoch, rng, start_iter (0 unless the checkpoint was written mid-epoch),
+    epoch_state (the mid-epoch per-epoch state, else None) and the entries named in `extra_keys`
+    (None when absent)."""
+    to_restore = {"epoch": 0, "rng": None, "start_iter": 0, "epoch_state": None,
+                  **{k: None for k in extra_keys}}
+    explicit = getattr(args, "resume", "") or ""
+    if explicit and not os.path.isfile(explicit):
+        raise CheckpointError(f"--resume {explicit}: no such file")
+    if args.rank == 0:
+        remove_stale_tmp_files(args.dump_path, os.path.join(args.dump_path, "checkpoints"))
     loaded = restart_from_checkpoint(
-        path, run_variables=to_restore, state_dict=model, optimizer=optimizer,
+        [explicit] if explicit else checkpoint_candidates(args.dump_path), fallback=not explicit,
+        run_variables=to_restore, state_dict=model, optimizer=optimizer,
         scaler=_ScalerAdapter(scaler) if scaler is not None and scaler.is_enabled() else None)
     if loaded and to_restore["rng"] is not None:
         set_rng_state(to_restore["rng"])
