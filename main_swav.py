@@ -12,16 +12,16 @@ import torch.nn.functional as F
 from src import distributed as du
 from src import preemption
 from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
-from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
-from src.engine import (EpochProgress, backward_and_step, build_larc_sgd, build_loader,
-                        gather_to_rank0,
-                        build_lr_schedule, forward_context, prepare_model, resume_training_state,
-                        save_training_state, set_lr, setup_precision)
+from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
+                     add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
+from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
+                        end_epoch, forward_context, gather_to_rank0, resume_training_state,
+                        run_epochs, set_lr)
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset, check_image_folder
 from src.resnet50 import build_backbone
 from src.sinkhorn import distributed_sinkhorn
-from src.utils import bool_flag, fix_random_seeds, initialize_exp
+from src.utils import fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -32,21 +32,7 @@ def get_args_parser():
     #########################
     #### data parameters ####
     #########################
-    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
-                        help="path to dataset repository")
-    parser.add_argument("--nmb_crops", type=int, default=[2], nargs="+",
-                        help="list of number of crops (example: [2, 6])")
-    parser.add_argument("--size_crops", type=int, default=[224], nargs="+",
-                        help="crops resolutions (example: [224, 96])")
-    parser.add_argument("--min_scale_crops", type=float, default=[0.14], nargs="+",
-                        help="argument in RandomResizedCrop (example: [0.14, 0.05])")
-    parser.add_argument("--max_scale_crops", type=float, default=[1], nargs="+",
-                        help="argument in RandomResizedCrop (example: [1., 0.14])")
-    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
-                        help="Gaussian blur: PIL radius (final code) or the 23x23-kernel blur of "
-                             "the published runs")
-    parser.add_argument("--strict_data", type=bool_flag, default=False,
-                        help="stop on an unreadable image instead of skipping it with a warning")
+    add_multicrop_args(parser)
 
     #########################
     ## swav specific params #
@@ -70,16 +56,7 @@ def get_args_parser():
     #########################
     #### optim parameters ###
     #########################
-    parser.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
-    parser.add_argument("--batch_size", default=64, type=int,
-                        help="batch size per gpu, i.e. how many unique instances per gpu")
-    parser.add_argument("--base_lr", default=4.8, type=float, help="base learning rate")
-    parser.add_argument("--final_lr", type=float, default=0, help="final learning rate")
-    parser.add_argument("--freeze_prototypes_niters", default=313, type=int,
-                        help="freeze the prototypes during this many iterations from the start")
-    parser.add_argument("--wd", default=1e-6, type=float, help="weight decay")
-    parser.add_argument("--warmup_epochs", default=10, type=int, help="number of warmup epochs")
-    parser.add_argument("--start_warmup", default=0, type=float, help="initial warmup learning rate")
+    add_larc_optim_args(parser, freeze_prototypes_niters=313)
 
     #########################
     #### dist parameters ###
@@ -98,10 +75,7 @@ def get_args_parser():
 
 def check_args(args):
     """One-line errors for inconsistent flags, before any work."""
-    ncrops = sum(args.nmb_crops)
-    if any(c < 0 or c >= ncrops for c in args.crops_for_assign):
-        raise ValueError(f"--crops_for_assign {args.crops_for_assign} out of range: there are "
-                         f"{ncrops} crops (ids 0..{ncrops - 1})")
+    ncrops = check_crops_for_assign(args)
     if ncrops < 2:
         raise ValueError("SwAV needs at least 2 crops (--nmb_crops)")
     if args.nmb_prototypes < 1:
@@ -226,7 +200,7 @@ def main(args):
     # build data
     train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
                                      args.min_scale_crops, args.max_scale_crops, blur=args.blur,
-                                     strict_data=args.strict_data)
+                                     strict_data=args.strict_data, augment=args.augment)
     train_loader = build_loader(train_dataset, args)
     logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
 
@@ -234,15 +208,8 @@ def main(args):
     model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
                            output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
                            cifar_stem=args.cifar_stem, width=args.width or None)
-    model = prepare_model(model, args)
-    logger.info(model)
-    logger.info("Building model done.")
-
-    # build optimizer and schedule
-    optimizer = build_larc_sgd(model, args)
-    lr_schedule = build_lr_schedule(args, len(train_loader))
-    scaler = setup_precision(args)
-    logger.info("Building optimizer done.")
+    # ... on its device (DDP), with LARC + SGD, the lr schedule and the precision
+    model, optimizer, lr_schedule, scaler = build_pretraining(model, args, len(train_loader))
 
     # optionally resume from a checkpoint
     to_restore = resume_training_state(args, model, optimizer, scaler,
@@ -259,38 +226,27 @@ def main(args):
     if args.queue_length > 0:
         queue = load_queue(args, queue_shape, start_epoch, to_restore)
 
-    if str(args.device).startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
     # the loss sits near ln(K) while the prototypes are frozen: count from their release
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,
                                         start_iter=args.freeze_prototypes_niters)
-    for epoch in range(start_epoch, args.epochs):
-        logger.info("============ Starting epoch %i ... ============" % epoch)
-        train_loader.sampler.set_epoch(epoch, start_iter)
-
+    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
         # optionally starts a queue
         if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
             queue = torch.zeros(queue_shape, device=args.device)
 
         scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
                               scaler=scaler, monitor=monitor, start_iter=start_iter, state=state)
-        stopped_at = state.pop("stopped_at", None)  # the epoch was cut by a stop request
-        if stopped_at is None:
-            training_stats.update(scores)
 
         # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
         # original, in a per-rank queue file)
-        extra = {"epoch_state": state} if stopped_at else {}
+        extra = {}
         if queue is not None:
             extra["queue"] = gather_to_rank0(queue)
-            atomic_save({"queue": queue, "epoch": epoch + (0 if stopped_at else 1)},
+            atomic_save({"queue": queue, "epoch": epoch + (0 if state.get("stopped_at") else 1)},
                         queue_path(args))
-        save_training_state(args, epoch, model, optimizer, scaler, extra, start_iter=stopped_at)
-        if preemption.should_stop() and (stopped_at or epoch + 1 < args.epochs):
-            preemption.exit_after_checkpoint(args)  # requeues under Slurm; raises SystemExit
+        # stats row; checkpoint (mid-epoch if a stop request cut the epoch); requeue and exit
+        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state, extra)
         start_iter, state = 0, {}
-    du.barrier()
-    logger.info("Training done: checkpoint at %s", os.path.join(args.dump_path, "checkpoint.pth.tar"))
     return training_stats
 
 

@@ -67,10 +67,12 @@ def describe_load_error(path, error):
     if not head:
         return "empty file: an interrupted download?"
     if head.lstrip()[:1] == b"<":
-        return "an HTML/XML page, not weights: a failed download or an error page saved as the file?"
+        return ("an HTML/XML page, not weights: a failed download or an error page saved as "
+                "the file?")
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
     if unsafe and unsafe.group(1).startswith("torch."):  # e.g. a name cut short by truncation
-        return f"corrupt or truncated, or holds a torch object that is not weights ({unsafe.group(1)})"
+        return ("corrupt or truncated, or holds a torch object that is not weights "
+                f"({unsafe.group(1)})")
     if unsafe:
         return (f"refused to unpickle {unsafe.group(1)}: the file holds Python objects, not only "
                 "tensors, and loading them could run code")

@@ -71,6 +71,9 @@ def init_distributed_mode(args):
             os.environ.setdefault("MASTER_PORT", "29500")
         dist_url = getattr(args, "dist_url", "env://")
         timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30))
+        if use_cuda:
+            # a failed or timed-out NCCL collective aborts the process instead of hanging it
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=dist_url,
                                 world_size=args.world_size, rank=args.rank, timeout=timeout)
     return args
@@ -97,6 +100,15 @@ def all_reduce(tensor, op=None):
     if get_world_size() > 1:
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
     return tensor
+
+
+def all_gather(tensor):
+    """Every rank's tensor (same shape on each rank) as a list in rank order, on every rank."""
+    if get_world_size() == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
 
 
 def barrier():

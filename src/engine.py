@@ -55,6 +55,19 @@ def prepare_model(model, args):
     return model
 
 
+def build_pretraining(model, args, niter_per_ep):
+    """SwAV / DeepCluster-v2 set-up around a built model: SyncBN, device, DDP, LARC + SGD, the
+    per-iteration schedule and the precision. Returns (model, optimizer, lr_schedule, scaler)."""
+    model = prepare_model(model, args)
+    logger.info(model)
+    logger.info("Building model done.")
+    optimizer = build_larc_sgd(model, args)
+    lr_schedule = build_lr_schedule(args, niter_per_ep)
+    scaler = setup_precision(args)
+    logger.info("Building optimizer done.")
+    return model, optimizer, lr_schedule, scaler
+
+
 def build_larc_sgd(model, args):
     """SGD(momentum 0.9, weight decay on every parameter) wrapped in LARC, as the original."""
     sgd = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=args.wd)
@@ -240,6 +253,22 @@ def run_epochs(train_loader, start_epoch, args, start_iter=0):
     du.barrier()
     logger.info("Training done: checkpoint at %s",
                 os.path.join(args.dump_path, "checkpoint.pth.tar"))
+
+
+def end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state, extra=None):
+    """After an entry point's train() (every rank calls): the epoch's stats row, unless a stop
+    request cut the epoch (`state["stopped_at"]`, see EpochProgress); the checkpoint with
+    `extra`, mid-epoch with the rest of `state` as "epoch_state" when cut; then, once a stop was
+    requested, the requeue and exit (src/preemption.py)."""
+    stopped_at = state.pop("stopped_at", None)
+    if stopped_at is None:
+        training_stats.update(scores)
+    extra = dict(extra or {})
+    if stopped_at:
+        extra["epoch_state"] = state
+    save_training_state(args, epoch, model, optimizer, scaler, extra, start_iter=stopped_at)
+    if preemption.should_stop() and (stopped_at or epoch + 1 < args.epochs):
+        preemption.exit_after_checkpoint(args)  # requeues under Slurm; raises SystemExit
 
 
 def set_lr(optimizer, lr):

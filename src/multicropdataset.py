@@ -9,6 +9,7 @@ across DataLoader workers). With a `SeededSampler` each sample is augmented from
 a function of (seed, epoch, index): the crops do not depend on the number of workers, and a
 resumed run (even mid-epoch) sees exactly the crops an uninterrupted run would have seen.
 """
+import collections
 import logging
 import math
 import os
@@ -24,11 +25,22 @@ logger = logging.getLogger()
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.228, 0.224, 0.225]
+BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 class DataError(ValueError):
     """Unusable data: the message names the path and the problem."""
+
+    def __str__(self):
+        # raised in a DataLoader worker, it is re-raised in the main process with the message
+        # "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...": keep the
+        # one-line message it ends with
+        text = super().__str__()
+        if "Original Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            return last.split("DataError: ", 1)[-1]
+        return text
 
 
 def check_image_folder(path, what="--data_path"):
@@ -39,18 +51,28 @@ def check_image_folder(path, what="--data_path"):
     if not classes:
         raise DataError(f"{what} {path!r} has no class sub-folders (expected an ImageFolder: "
                         f"{path}/<class>/<image>)")
-    counts = {}
+    counts, others = {}, collections.Counter()  # images per class; ignored files by extension
     for c in classes:
         n = 0
         for _, _, files in os.walk(os.path.join(path, c), followlinks=True):
-            n += sum(f.lower().endswith(IMG_EXTENSIONS) for f in files)
+            for f in files:
+                if f.lower().endswith(IMG_EXTENSIONS):
+                    n += 1
+                elif not f.startswith("."):  # hidden files (.DS_Store, ...) are not data
+                    others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
         counts[c] = n
+    ignored = (f"{sum(others.values())} file(s) with other extensions: "
+               + ", ".join(f"{e} x{n}" for e, n in others.most_common(6))) if others else ""
     if sum(counts.values()) == 0:
-        raise DataError(f"{what} {path!r} contains no images with extensions {IMG_EXTENSIONS}")
+        raise DataError(f"{what} {path!r} contains no images with extensions {IMG_EXTENSIONS}"
+                        + (f" (found {ignored})" if ignored else ""))
     empty = [c for c, n in counts.items() if n == 0]
     if empty:
         logger.warning(f"{what} {path!r}: {len(empty)} class folder(s) without images are "
                        f"ignored: {empty[:5]}")
+    if ignored:
+        logger.warning(f"{what} {path!r}: ignored {ignored} (readable extensions: "
+                       f"{' '.join(IMG_EXTENSIONS)})")
     return counts
 
 
@@ -62,8 +84,22 @@ class SafeImageFolder(datasets.ImageFolder):
     def __init__(self, root, transform=None, strict_data=False):
         check_image_folder(root)
         self.strict_data = strict_data
-        self.nmb_bad_images = 0
+        # DataLoader workers hold copies of the dataset: each counts its bad files in its own
+        # slot of a shared-memory tensor (shared under fork and spawn alike, no lock needed)
+        self._nmb_bad = torch.zeros(1 + BAD_COUNT_SLOTS, dtype=torch.int64).share_memory_()
+        self._nmb_bad_reported = 0
         super().__init__(root, transform=transform, allow_empty=True)
+
+    @property
+    def nmb_bad_images(self):
+        """Unreadable files met so far, by this process and every DataLoader worker."""
+        return int(self._nmb_bad.sum())
+
+    def pop_bad_images(self):
+        """Unreadable files met since the previous call (call it in the main process)."""
+        total = self.nmb_bad_images
+        new, self._nmb_bad_reported = total - self._nmb_bad_reported, total
+        return new
 
     def find_classes(self, directory):
         # only classes that hold at least one image, so labels match the data actually present
@@ -86,7 +122,8 @@ class SafeImageFolder(datasets.ImageFolder):
             except Exception as e:
                 if self.strict_data:
                     raise DataError(f"unreadable image {path}: {e}") from None
-                self.nmb_bad_images += 1
+                worker = torch.utils.data.get_worker_info()
+                self._nmb_bad[0 if worker is None else 1 + worker.id % BAD_COUNT_SLOTS] += 1
                 logger.warning(f"skipping unreadable image {path}: {e}")
         raise DataError(f"no readable image in {self.root}")
 
@@ -141,8 +178,13 @@ def get_color_distortion(s=1.0):
     return transforms.Compose([rnd_color_jitter, rnd_gray])
 
 
-def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops, blur="pil"):
-    """The list of per-crop transforms, crops of resolution 0 first."""
+def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops, blur="pil",
+                         augment="fast"):
+    """The list of per-crop transforms, crops of resolution 0 first.
+
+    augment="fast" (default): src/fastaugment.py, which draws the same random numbers and
+    returns the same tensors as the torchvision/PIL pipeline ("pil"), in less time; it falls
+    back to "pil" when numba is not installed."""
     if not (len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)):
         raise ValueError(
             "--size_crops, --nmb_crops, --min_scale_crops and --max_scale_crops must have the same "
@@ -153,7 +195,20 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
             raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
     if blur not in ("pil", "opencv"):
         raise ValueError(f"--blur must be pil or opencv, got {blur!r}")
+    if augment not in ("fast", "pil"):
+        raise ValueError(f"--augment must be fast or pil, got {augment!r}")
     blur_t = PILRandomGaussianBlur() if blur == "pil" else KernelGaussianBlur()
+    if augment == "fast":
+        from . import fastaugment
+        if fastaugment.available():
+            fastaugment.warm_up()
+            trans = []
+            for i in range(len(size_crops)):
+                t = fastaugment.FastCropTransform(
+                    size_crops[i], (min_scale_crops[i], max_scale_crops[i]), blur_t, MEAN, STD)
+                trans.extend([t] * nmb_crops[i])
+            return trans
+        logger.warning("numba is not installed: using the (slower) PIL augmentation pipeline")
     trans = []
     for i in range(len(size_crops)):
         t = transforms.Compose([
@@ -170,9 +225,10 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
 
 class MultiCropDataset(SafeImageFolder):
     def __init__(self, data_path, size_crops, nmb_crops, min_scale_crops, max_scale_crops,
-                 size_dataset=-1, return_index=False, blur="pil", strict_data=False):
+                 size_dataset=-1, return_index=False, blur="pil", strict_data=False,
+                 augment="fast"):
         self.trans = multicrop_transforms(size_crops, nmb_crops, min_scale_crops,
-                                          max_scale_crops, blur)
+                                          max_scale_crops, blur, augment)
         super().__init__(data_path, strict_data=strict_data)
         if size_dataset >= 0:
             self.samples = self.samples[:size_dataset]

@@ -51,7 +51,8 @@ class Release(NamedTuple):
 
 
 def _release(arch, method, epochs, batch_size, crops, top1, name, linear=None):
-    return Release(arch, method, epochs, batch_size, crops, top1, name + "_pretrain.pth.tar", linear)
+    return Release(arch, method, epochs, batch_size, crops, top1, name + "_pretrain.pth.tar",
+                   linear)
 
 
 RELEASES = {r.file[:-len("_pretrain.pth.tar")]: r for r in [
@@ -121,13 +122,13 @@ def resolve_weights(source, download=False, cache_dir=None, progress=True):
 
 
 def _is_safetensors(path):
-    with open(path, "rb") as f:
-        head = f.read(9)
     if path.endswith(".safetensors"):
         return True
-    # 8-byte little-endian header length, then the JSON header
-    return len(head) == 9 and head[8:9] == b"{" and 8 < int.from_bytes(head[:8], "little") + 8 \
-        <= os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    # the format: an 8-byte little-endian header length, then the header, a JSON object
+    return len(head) == 9 and head[8:9] == b"{" and \
+        0 < int.from_bytes(head[:8], "little") <= os.path.getsize(path) - 8
 
 
 def _load_file(path):

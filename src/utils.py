@@ -88,20 +88,22 @@ def git_sha():
         return "unknown"
 
 
-def initialize_exp(params, *stat_columns, stats_name="stats"):
+def initialize_exp(params, *stat_columns, stats_name="stats", log_name="train.log",
+                   params_name="params.pkl"):
     """Dump params, create the checkpoint folder, the logger and the stats frame of this rank.
 
-    Returns (logger, PD_Stats). Files: params.pkl, train.log[-rank], {stats_name}{rank}.pkl.
+    Returns (logger, PD_Stats). Files: params.pkl, train.log[-rank], {stats_name}{rank}.pkl
+    (the evaluations pass their own names so they can share a pre-training run's dump_path).
     """
     os.makedirs(params.dump_path, exist_ok=True)
     params.dump_checkpoints = os.path.join(params.dump_path, "checkpoints")
     if params.rank == 0:
         os.makedirs(params.dump_checkpoints, exist_ok=True)
-        with open(os.path.join(params.dump_path, "params.pkl"), "wb") as f:
+        with open(os.path.join(params.dump_path, params_name), "wb") as f:
             pickle.dump(params, f)
     training_stats = PD_Stats(
         os.path.join(params.dump_path, stats_name + str(params.rank) + ".pkl"), stat_columns)
-    log = create_logger(os.path.join(params.dump_path, "train.log"), rank=params.rank)
+    log = create_logger(os.path.join(params.dump_path, log_name), rank=params.rank)
     log.info("============ Initialized logger ============")
     log.info("git: %s", git_sha())
     log.info("\n".join("%s: %s" % (k, str(v)) for k, v in sorted(dict(vars(params)).items())))

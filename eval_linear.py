@@ -1,0 +1,167 @@
+"""Linear classification on frozen features: same flags, defaults and RegLog head as
+facebookresearch/swav's eval_linear.py, on CPU or CUDA, one process or many.
+
+Differences: a --pretrained path that does not exist is an error (the original trained on random
+weights); classes come from the data; the eval checkpoint/stats/log have their own names
+(checkpoint_eval_linear.pth.tar, ...) so they can share a pre-training dump_path; validation is
+sharded over ranks with each image counted once; sizes are flags for small images;
+--cache_features trains the head on features computed once (no augmentation) for small data.
+"""
+import argparse
+import logging
+import os
+
+import torch
+from torch.utils.data import TensorDataset
+
+from src import distributed as du
+from src.cli import add_distributed_args, run_main
+from src.engine import build_loader, prepare_model
+from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
+                            add_eval_run_args, build_eval_datasets, build_frozen_backbone,
+                            eval_paths, eval_transforms, extract_features, frozen_forward,
+                            resume_eval_state, save_eval_state, shard_loader, train_epoch,
+                            validate)
+from src.tensorboard import TensorBoard
+from src.utils import bool_flag, fix_random_seeds, initialize_exp
+
+logger = logging.getLogger()
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Evaluate models: Linear classification",
+                                     add_help=False)
+
+    #########################
+    #### main parameters ####
+    #########################
+    parser.add_argument("--dump_path", type=str, default=".",
+                        help="experiment dump path for checkpoints and log")
+    parser.add_argument("--seed", type=int, default=31, help="seed")
+    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                        help="path to dataset repository (with train/ and val/)")
+    parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
+    add_eval_data_args(parser)
+
+    #########################
+    #### model parameters ###
+    #########################
+    add_eval_model_args(parser)
+    parser.add_argument("--global_pooling", default=True, type=bool_flag,
+                        help="if True, we use the resnet50 global average pooling")
+    parser.add_argument("--use_bn", default=False, type=bool_flag,
+                        help="optionally add a batchnorm layer before the linear classifier")
+    parser.add_argument("--cache_features", default=False, type=bool_flag,
+                        help="compute the frozen features once (val transform, no augmentation) "
+                             "and train the head on them: fast for small datasets")
+
+    #########################
+    #### optim parameters ###
+    #########################
+    parser.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
+    parser.add_argument("--batch_size", default=32, type=int,
+                        help="batch size per gpu, i.e. how many unique instances per gpu")
+    parser.add_argument("--lr", default=0.3, type=float, help="initial learning rate")
+    parser.add_argument("--wd", default=1e-6, type=float, help="weight decay")
+    parser.add_argument("--nesterov", default=False, type=bool_flag, help="nesterov momentum")
+    parser.add_argument("--scheduler_type", default="cosine", type=str, choices=["step", "cosine"])
+    # for multi-step learning rate decay
+    parser.add_argument("--decay_epochs", type=int, nargs="+", default=[60, 80],
+                        help="Epochs at which to decay learning rate.")
+    parser.add_argument("--gamma", type=float, default=0.1, help="decay factor")
+    # for cosine learning rate schedule
+    parser.add_argument("--final_lr", type=float, default=0, help="final learning rate")
+
+    #########################
+    #### dist parameters ###
+    #########################
+    add_distributed_args(parser)
+    add_eval_run_args(parser)
+    return parser
+
+
+def build_scheduler(optimizer, args):
+    if args.scheduler_type == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=args.final_lr)
+
+
+def main(args):
+    du.init_distributed_mode(args)
+    fix_random_seeds(args.seed)
+    paths = eval_paths(args, "eval_linear")
+    _, training_stats = initialize_exp(
+        args, "epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val",
+        stats_name=paths["stats"], log_name=paths["log"], params_name=paths["params"])
+    tb = TensorBoard(args, "eval_linear")
+
+    # build data
+    train_tf, val_tf = eval_transforms(args)
+    train_dataset, val_dataset = build_eval_datasets(args.data_path, train_tf, val_tf)
+    num_labels = len(train_dataset.classes)
+
+    # build the frozen backbone and the linear classifier
+    model = build_frozen_backbone(args, args.center_crop if args.cache_features else args.train_crop)
+    if args.arch == PIXELS and not args.cache_features and args.train_crop != args.center_crop:
+        raise ValueError("--arch pixels needs --train_crop equal to --center_crop")
+    linear_classifier = RegLog(num_labels, args.arch, args.global_pooling, args.use_bn,
+                               num_features=model.num_features)
+    linear_classifier = prepare_model(linear_classifier, args)
+
+    if args.cache_features:
+        # frozen features are computed once: the head then trains on tensors
+        train_dataset.transform = val_tf
+        train_feats = TensorDataset(*extract_features(model, train_dataset, args, pool=False))
+        val_feats = TensorDataset(*extract_features(model, val_dataset, args, pool=False))
+        train_loader = build_loader(train_feats, args, seeded=False)
+        val_loader = shard_loader(val_feats, args)
+        forward = lambda x: linear_classifier(x.to(args.device, non_blocking=True))  # noqa: E731
+    else:
+        train_loader = build_loader(train_dataset, args)  # per-image seeded augmentations
+        val_loader = shard_loader(val_dataset, args)
+        forward = lambda x: linear_classifier(frozen_forward(model, x, args))  # noqa: E731
+    logger.info("Building data done")
+
+    # set optimizer and scheduler
+    optimizer = torch.optim.SGD(linear_classifier.parameters(), lr=args.lr, nesterov=args.nesterov,
+                                momentum=0.9, weight_decay=args.wd)
+    scheduler = build_scheduler(optimizer, args)
+
+    # optionally resume from this evaluation's own checkpoint
+    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], linear_classifier, optimizer,
+                                              scheduler)
+    training_stats.truncate(start_epoch)
+
+    scores_val = None
+    for epoch in range(start_epoch, args.epochs):
+        logger.info("============ Starting epoch %i ... ============" % epoch)
+        train_loader.sampler.set_epoch(epoch)
+        scores = train_epoch(forward, [linear_classifier], train_loader, optimizer, epoch, args)
+        scores_val = validate(forward, [linear_classifier], val_loader, args)
+        training_stats.update(scores + scores_val)
+        if scores_val[1] > best_acc[0]:
+            best_acc = (scores_val[1], scores_val[2])
+        logger.info(f"Test:\tLoss {scores_val[0]:.4f}\tAcc@1 {scores_val[1]:.3f}\t"
+                    f"Acc@5 {scores_val[2]:.3f}\tBest Acc@1 so far {best_acc[0]:.1f}")
+        tb.scalars(epoch, "eval_linear", loss=scores[1], prec1=scores[2], loss_val=scores_val[0],
+                   prec1_val=scores_val[1], prec5_val=scores_val[2],
+                   lr=optimizer.param_groups[0]["lr"])
+        scheduler.step()
+        save_eval_state(paths["checkpoint"], epoch, linear_classifier, optimizer, scheduler,
+                        best_acc, args)
+    if scores_val is None and len(training_stats.stats):  # resumed a finished run
+        last = training_stats.stats.iloc[-1]
+        scores_val = (last["loss_val"], last["prec1_val"], last["prec5_val"])
+    du.barrier()
+    tb.close()
+    final = {"top1": scores_val[1] if scores_val else 0.0, "top5": scores_val[2] if scores_val else 0.0,
+             "best_top1": best_acc[0], "best_top5": best_acc[1]}
+    logger.info("Training of the supervised linear classifier on frozen features completed.\n"
+                "Final top-1 {top1:.2f} top-5 {top5:.2f}; best top-1 {best_top1:.2f} "
+                "top-5 {best_top5:.2f}".format(**final))
+    logger.info(f"checkpoint: {os.path.abspath(paths['checkpoint'])}")
+    return final
+
+
+if __name__ == "__main__":
+    run_main(main, argparse.ArgumentParser("Linear evaluation", parents=[get_args_parser()]))

@@ -1,0 +1,315 @@
+"""DeepCluster-v2 pre-training (Caron et al., NeurIPS 2020): same flags, defaults and math as
+facebookresearch/swav's main_deepclusterv2.py, with a vectorised distributed k-means
+(src/kmeans.py), on native torch.amp, CPU or CUDA, one process or many."""
+import argparse
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from src import distributed as du
+from src import preemption
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
+from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
+                     add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
+from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
+                        end_epoch, forward_context, gather_to_rank0, resume_training_state,
+                        run_epochs, set_lr)
+from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
+from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
+from src.multicropdataset import MultiCropDataset, check_image_folder
+from src.resnet50 import build_backbone
+from src.utils import fix_random_seeds, initialize_exp
+
+logger = logging.getLogger()
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Implementation of DeepCluster-v2",
+                                     add_help=False)
+
+    #########################
+    #### data parameters ####
+    #########################
+    add_multicrop_args(parser)
+
+    #########################
+    ## dcv2 specific params #
+    #########################
+    parser.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1],
+                        help="list of crops id used for computing assignments")
+    parser.add_argument("--temperature", default=0.1, type=float,
+                        help="temperature parameter in training loss")
+    parser.add_argument("--feat_dim", default=128, type=int, help="feature dimension")
+    parser.add_argument("--nmb_prototypes", default=[3000, 3000, 3000], type=int, nargs="+",
+                        help="number of prototypes - it can be multihead")
+    parser.add_argument("--nmb_kmeans_iters", default=10, type=int,
+                        help="k-means iterations at the start of each epoch")
+    add_collapse_args(parser)  # --stop_on_collapse, --collapse_patience
+
+    #########################
+    #### optim parameters ###
+    #########################
+    # the prototypes are set by k-means, never trained: frozen "forever" as in the original
+    add_larc_optim_args(parser, freeze_prototypes_niters=int(1e10))
+
+    #########################
+    #### dist parameters ###
+    #########################
+    add_distributed_args(parser)
+
+    #########################
+    #### other parameters ###
+    #########################
+    add_backbone_args(parser)
+    parser.add_argument("--hidden_mlp", default=-1, type=int,
+                        help="hidden layer dimension in projection head (-1: the original's "
+                             "2048 x the width multiplier of resnet50wN)")
+    add_run_args(parser)
+    parser.set_defaults(use_fp16=False)  # the original trains DeepCluster-v2 in fp32
+    return parser
+
+
+def hidden_mlp_of(args):
+    if args.hidden_mlp >= 0:
+        return args.hidden_mlp
+    return 2048 * (int(args.arch[len("resnet50w"):]) if args.arch.startswith("resnet50w") else 1)
+
+
+def check_args(args):
+    """One-line errors for inconsistent flags, before any work."""
+    check_crops_for_assign(args)
+    if not args.nmb_prototypes or min(args.nmb_prototypes) < 1:
+        raise ValueError(f"--nmb_prototypes must be >= 1 each, got {args.nmb_prototypes}")
+    if args.feat_dim < 1:
+        raise ValueError(f"--feat_dim must be >= 1, got {args.feat_dim}")
+    if args.temperature <= 0:
+        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+    if args.nmb_kmeans_iters < 0:
+        raise ValueError(f"--nmb_kmeans_iters must be >= 0, got {args.nmb_kmeans_iters}")
+    check_image_folder(args.data_path)
+
+
+def check_memory_size(args, niter_per_ep):
+    """k-means draws its K initial centroids from one process's memory bank."""
+    size_memory_per_process = niter_per_ep * args.batch_size
+    if size_memory_per_process < max(args.nmb_prototypes):
+        raise ValueError(
+            f"--nmb_prototypes {max(args.nmb_prototypes)} is more than the {size_memory_per_process} "
+            f"samples each process holds in its memory bank ({niter_per_ep} batches of "
+            f"{args.batch_size}): lower --nmb_prototypes, or use more data or fewer processes")
+
+
+# ----------------------------------------------------------------------------- loss
+def deepcluster_loss(output, assignments, idx, nmb_crops_total, temperature):
+    """Mean over heads of the cross-entropy between each crop's scores / temperature and its
+    image's cluster; samples assigned -100 (not in any memory bank) are ignored."""
+    loss = 0
+    for h, scores in enumerate(output):
+        scores = scores.float() / temperature
+        targets = assignments[h][idx].repeat(nmb_crops_total).to(scores.device, non_blocking=True)
+        # = cross_entropy(..., ignore_index=-100) (sum / number kept), but 0 rather than NaN
+        # when a whole batch is ignored
+        kept = (targets != -100).sum().clamp(min=1)
+        loss += F.cross_entropy(scores, targets, ignore_index=-100, reduction="sum") / kept
+    return loss / len(output)
+
+
+# ----------------------------------------------------------------------------- memory bank
+@torch.no_grad()
+def init_memory(dataloader, model, args):
+    """Fill this rank's memory bank with one pass over its shard (model in its current mode,
+    as the original: train mode, so BatchNorm uses batch statistics)."""
+    net = unwrap(model)
+    size_memory_per_process = len(dataloader) * args.batch_size
+    device = next(net.parameters()).device
+    local_memory_index = torch.zeros(size_memory_per_process, dtype=torch.long, device=device)
+    local_memory_embeddings = torch.zeros(len(args.crops_for_assign), size_memory_per_process,
+                                          args.feat_dim, device=device)
+    start_idx = 0
+    logger.info("Start initializing the memory banks")
+    for index, inputs in dataloader:
+        nmb_unique_idx = inputs[0].size(0)
+        local_memory_index[start_idx: start_idx + nmb_unique_idx] = index.to(device)
+        for mb_idx, crop_idx in enumerate(args.crops_for_assign):
+            with forward_context(net, args):
+                embeddings = model(inputs[crop_idx].to(device, non_blocking=True))[0]
+            local_memory_embeddings[mb_idx][start_idx: start_idx + nmb_unique_idx] = embeddings
+        start_idx += nmb_unique_idx
+    logger.info("Initialization of the memory banks done.")
+    return local_memory_index, local_memory_embeddings
+
+
+def memory_bank_path(args):
+    return os.path.join(args.dump_path, "mb" + str(args.rank) + ".pth")
+
+
+def load_memory_bank(args, to_restore, size_dataset, niter_per_ep):
+    """This rank's memory bank at resume: from our checkpoint (saved with it, every rank's), else
+    from the original's per-rank mb{rank}.pth; None when there is none. Checked against the run."""
+    banks = to_restore.get("memory_bank")
+    if banks is not None:
+        path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+        if len(banks["index"]) != args.world_size:
+            raise CheckpointError(f"{path}: holds the memory banks of {len(banks['index'])} "
+                                  f"processes, this run has {args.world_size}: resume with the "
+                                  "same number of processes")
+        index, embeddings = banks["index"][args.rank], banks["embeddings"][args.rank]
+    elif os.path.isfile(memory_bank_path(args)):
+        path = memory_bank_path(args)
+        saved = safe_load(path)
+        index, embeddings = saved["local_memory_index"], saved["local_memory_embeddings"]
+    else:
+        return None
+    expected = (len(args.crops_for_assign), niter_per_ep * args.batch_size, args.feat_dim)
+    if tuple(embeddings.shape) != expected or index.shape != expected[1:2]:
+        raise CheckpointError(
+            f"{path}: memory bank of shape {tuple(embeddings.shape)} does not fit this run "
+            f"(expected {expected}: len(--crops_for_assign), samples per process from the "
+            "dataset size, --batch_size and the number of processes, --feat_dim)")
+    if len(index) and (int(index.max()) >= size_dataset or int(index.min()) < 0):
+        raise CheckpointError(f"{path}: memory bank indexes images up to {int(index.max())}, "
+                              f"the dataset has {size_dataset}: another dataset?")
+    return index.to(args.device), embeddings.to(args.device)
+
+
+def save_memory_bank(args, local_memory_index, local_memory_embeddings):
+    """Every rank writes its mb{rank}.pth (the original's file); returns every rank's bank for
+    the checkpoint (all ranks call)."""
+    atomic_save({"local_memory_embeddings": local_memory_embeddings,
+                 "local_memory_index": local_memory_index}, memory_bank_path(args))
+    return {"index": gather_to_rank0(local_memory_index),
+            "embeddings": gather_to_rank0(local_memory_embeddings)}
+
+
+# ----------------------------------------------------------------------------- k-means
+@torch.no_grad()
+def cluster_memory(model, local_memory_index, local_memory_embeddings, size_dataset, args,
+                   nmb_kmeans_iters=10):
+    """One spherical k-means per head (head h on memory bank h mod len(crops_for_assign)); its
+    centroids become prototypes{h}. Returns the [heads, size_dataset] assignments (-100: unseen)."""
+    prototypes = unwrap(model).prototypes
+    assignments = torch.full((len(args.nmb_prototypes), size_dataset), -100, dtype=torch.long)
+    j = 0
+    for i_K, K in enumerate(args.nmb_prototypes):
+        centroids, local_assignments, counts = spherical_kmeans(
+            local_memory_embeddings[j], K, nmb_kmeans_iters)
+        getattr(prototypes, "prototypes" + str(i_K)).weight.copy_(centroids)
+        assignments[i_K] = scatter_assignments(size_dataset, local_assignments, local_memory_index)
+        stats = cluster_size_stats(counts)
+        logger.info(f"k-means head {i_K} (K={K}, memory bank {j}): {stats['empty']} empty "
+                    f"clusters, largest cluster {stats['largest_share']:.2%} of "
+                    f"{stats['samples']} samples, {int((assignments[i_K] < 0).sum())} images "
+                    "without assignment")
+        j = (j + 1) % len(args.crops_for_assign)  # next memory bank to use
+    return assignments
+
+
+# ----------------------------------------------------------------------------- training
+def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_memory_embeddings,
+          args, *, scaler=None, monitor=None, start_iter=0, state=None):
+    """One epoch: k-means on the memory bank, then cross-entropy against the clusters while the
+    memory bank takes the new embeddings. Returns ((epoch, average loss), index, embeddings).
+
+    `state` (a dict) keeps the epoch's assignments for a mid-epoch resume at `start_iter`."""
+    net = unwrap(model)
+    model.train()
+    state = state if state is not None else {}
+    if state.get("assignments") is None:  # a resumed epoch keeps the clusters it started with
+        state["assignments"] = cluster_memory(model, local_memory_index, local_memory_embeddings,
+                                              len(loader.dataset), args, args.nmb_kmeans_iters)
+        logger.info("Clustering for epoch {} done.".format(epoch))
+    assignments = state["assignments"]
+
+    progress = EpochProgress(loader, epoch, args, start_iter, state=state)
+    ncrops = sum(args.nmb_crops)
+    start_idx = start_iter * args.batch_size  # batches are full (drop_last)
+    for it, iteration, (idx, inputs) in progress:
+        # update learning rate
+        set_lr(optimizer, schedule[iteration])
+
+        # ============ multi-res forward passes ... ============
+        with forward_context(net, args):
+            emb, output = model(inputs)
+        emb = emb.detach()
+        bs = inputs[0].size(0)
+
+        # ============ deepcluster-v2 loss ... ============
+        loss = deepcluster_loss(output, assignments, idx, ncrops, args.temperature)
+
+        # ============ backward and optim step ... ============
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+
+        # ============ update memory banks ... ============
+        local_memory_index[start_idx: start_idx + bs] = idx.to(local_memory_index.device)
+        for i, crop_idx in enumerate(args.crops_for_assign):
+            local_memory_embeddings[i][start_idx: start_idx + bs] = \
+                emb[crop_idx * bs: (crop_idx + 1) * bs]
+        start_idx += bs
+
+        # ============ misc ... ============
+        if monitor is not None:  # collapse: loss at the mean of ln(K) (warns, or stops)
+            monitor.update(loss.detach(), assignments=[a[idx] for a in assignments],
+                           iteration=iteration)
+        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+    if monitor is not None:
+        monitor.epoch_summary(epoch)
+    return (epoch, progress.losses.avg), local_memory_index, local_memory_embeddings
+
+
+def main(args):
+    check_args(args)
+    du.init_distributed_mode(args)
+    fix_random_seeds(args.seed)
+    logger_, training_stats = initialize_exp(args, "epoch", "loss")
+    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
+
+    # build data (with each image's dataset index, the key of the memory bank)
+    train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
+                                     args.min_scale_crops, args.max_scale_crops,
+                                     return_index=True, blur=args.blur,
+                                     strict_data=args.strict_data, augment=args.augment)
+    train_loader = build_loader(train_dataset, args)
+    check_memory_size(args, len(train_loader))
+    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
+
+    # build model: one prototype head per k-means
+    model = build_backbone(args.arch, normalize=True, hidden_mlp=hidden_mlp_of(args),
+                           output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
+                           cifar_stem=args.cifar_stem, width=args.width or None)
+    # ... on its device (DDP), with LARC + SGD, the lr schedule and the precision
+    model, optimizer, lr_schedule, scaler = build_pretraining(model, args, len(train_loader))
+
+    # optionally resume from a checkpoint (with every rank's memory bank)
+    to_restore = resume_training_state(args, model, optimizer, scaler,
+                                       extra_keys=["memory_bank"])
+    start_epoch = to_restore["epoch"]
+    training_stats.truncate(start_epoch)
+    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its assignments
+    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
+
+    # build the memory bank
+    memory = load_memory_bank(args, to_restore, len(train_dataset), len(train_loader))
+    local_memory_index, local_memory_embeddings = memory or init_memory(train_loader, model, args)
+    monitor = CollapseMonitor.from_args(args, args.nmb_prototypes, name="DeepCluster-v2",
+                                        remedies=DEEPCLUSTER_REMEDIES)
+
+    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
+        scores, local_memory_index, local_memory_embeddings = train(
+            train_loader, model, optimizer, epoch, lr_schedule, local_memory_index,
+            local_memory_embeddings, args, scaler=scaler, monitor=monitor, start_iter=start_iter,
+            state=state)
+
+        # save checkpoints: every rank's memory bank in the checkpoint and its own mb{rank}.pth;
+        # the stats row; mid-epoch if a stop request cut the epoch; requeue and exit
+        banks = save_memory_bank(args, local_memory_index, local_memory_embeddings)
+        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state,
+                  {"memory_bank": banks})
+        start_iter, state = 0, {}
+    return training_stats
+
+
+if __name__ == "__main__":
+    run_main(main, argparse.ArgumentParser("DeepCluster-v2 pre-training",
+                                           parents=[get_args_parser()]))

@@ -1,0 +1,198 @@
+"""SimSiam pre-training (Chen & He, CVPR 2021) on this project's data, model, distributed,
+mixed-precision, checkpoint and logging code: same math as facebookresearch/simsiam."""
+import argparse
+import logging
+
+import torch
+
+from src import distributed as du
+from src import preemption
+from src.checkpoint import unwrap
+from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
+from src.engine import (EpochProgress, backward_and_step, build_loader, forward_context,
+                        prepare_model, resume_training_state, run_epochs, save_training_state,
+                        set_lr, setup_precision)
+from src.multicropdataset import check_image_folder
+from src.resnet50 import build_backbone
+from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
+                         normalized_std, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
+from src.utils import AverageMeter, bool_flag, fix_random_seeds, initialize_exp
+
+logger = logging.getLogger()
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description="Implementation of SimSiam", add_help=False)
+
+    #########################
+    #### data parameters ####
+    #########################
+    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                        help="path to dataset repository")
+    parser.add_argument("--size_crop", type=int, default=224, help="resolution of the two views")
+    parser.add_argument("--min_scale_crop", type=float, default=0.2,
+                        help="RandomResizedCrop's lower scale bound")
+    parser.add_argument("--max_scale_crop", type=float, default=1.0,
+                        help="RandomResizedCrop's upper scale bound")
+    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
+                        help="Gaussian blur: PIL radius (the original) or a 23x23 kernel")
+    parser.add_argument("--strict_data", type=bool_flag, default=False,
+                        help="stop on an unreadable image instead of skipping it with a warning")
+
+    #########################
+    ## simsiam specific params
+    #########################
+    parser.add_argument("--dim", type=int, default=2048, help="projector output dimension")
+    parser.add_argument("--pred_dim", type=int, default=512, help="predictor hidden dimension")
+    parser.add_argument("--proj_hidden_dim", type=int, default=0,
+                        help="projector hidden dimension (0: the backbone's feature width, as "
+                             "the original)")
+    parser.add_argument("--fix_pred_lr", type=bool_flag, nargs="?", const=True, default=False,
+                        help="keep the predictor at the initial lr (no cosine decay)")
+    parser.add_argument("--zero_init_residual", type=bool_flag, default=True,
+                        help="zero-init the last BN of each residual block (the original's)")
+
+    #########################
+    #### optim parameters ###
+    #########################
+    parser.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per process (the original: 512 = 8 GPUs x 64)")
+    parser.add_argument("--base_lr", default=0.05, type=float,
+                        help="lr for a total batch of 256: lr = base_lr x total batch / 256")
+    parser.add_argument("--wd", default=1e-4, type=float, help="weight decay")
+
+    #########################
+    #### dist parameters ###
+    #########################
+    add_distributed_args(parser)
+
+    #########################
+    #### other parameters ###
+    #########################
+    add_backbone_args(parser)
+    add_run_args(parser)
+    return parser
+
+
+def check_args(args):
+    """One-line errors for inconsistent flags, before any work."""
+    for name in ("dim", "pred_dim", "epochs", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.proj_hidden_dim < 0:
+        raise ValueError(f"--proj_hidden_dim must be >= 0, got {args.proj_hidden_dim}")
+    if args.base_lr <= 0:
+        raise ValueError(f"--base_lr must be > 0, got {args.base_lr}")
+    if not 0 < args.min_scale_crop <= args.max_scale_crop <= 1:
+        raise ValueError("crop scales must satisfy 0 < --min_scale_crop <= --max_scale_crop <= 1, "
+                         f"got ({args.min_scale_crop}, {args.max_scale_crop})")
+    check_image_folder(args.data_path)
+
+
+def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=None, start_iter=0,
+          state=None):
+    """One epoch. Returns (epoch, average loss, average collapse metric of the projector
+    outputs); `model` may be DDP-wrapped or not, the device comes from its parameters.
+
+    `state` (a dict) carries the epoch's averages across a mid-epoch stop and resume."""
+    net = unwrap(model)
+    model.train()
+    device = next(net.parameters()).device
+    state = state if state is not None else {}
+    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
+    z_std = AverageMeter()
+    if start_iter > 0 and state.get("z_std_meter"):
+        z_std.update(*state["z_std_meter"])
+
+    for it, iteration, (x1, x2) in progress:
+        # update learning rate (groups marked fix_lr keep theirs)
+        set_lr(optimizer, lr_schedule[iteration])
+        x1 = x1.to(device, non_blocking=True)
+        x2 = x2.to(device, non_blocking=True)
+
+        # ============ two views, symmetric loss with stop-gradient ... ============
+        with forward_context(net, args):
+            p1, p2, z1, z2 = model(x1, x2)
+        loss = simsiam_loss(p1, p2, z1, z2)
+
+        # ============ backward and optim step ... ============
+        backward_and_step(loss, model, optimizer, scaler, iteration)
+
+        # ============ misc ... ============
+        bs = x1.size(0)
+        z_std.update(0.5 * (normalized_std(z1) + normalized_std(z2)), bs)
+        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+    if progress.stopped_at is not None:  # resumed later: continue this epoch's average
+        state["z_std_meter"] = [z_std.avg, z_std.count]
+    return epoch, progress.losses.avg, z_std.avg
+
+
+def log_collapse(z_std, dim, epoch):
+    """Log the collapse metric next to its no-collapse value; warn when it heads to 0."""
+    reference = no_collapse_std(dim)
+    logger.info(f"Epoch {epoch}: std of normalised projector outputs {z_std:.4f} "
+                f"(no collapse: 1/sqrt({dim}) = {reference:.4f}; collapse: 0)")
+    if z_std < COLLAPSE_WARN_RATIO * reference:
+        logger.warning(f"Epoch {epoch}: the outputs are collapsing (std {z_std:.4f} < "
+                       f"{COLLAPSE_WARN_RATIO} x {reference:.4f}): lower --base_lr, or check the "
+                       "stop-gradient, the predictor and the batch size")
+
+
+def main(args):
+    check_args(args)
+    du.init_distributed_mode(args)
+    fix_random_seeds(args.seed)
+    logger_, training_stats = initialize_exp(args, "epoch", "loss", "z_std")
+    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
+
+    # build data
+    train_dataset = TwoViewDataset(args.data_path, args.size_crop, args.min_scale_crop,
+                                   args.max_scale_crop, blur=args.blur,
+                                   strict_data=args.strict_data)
+    train_loader = build_loader(train_dataset, args)
+    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
+
+    # build model: a bare backbone (no SwAV head) under SimSiam's projector and predictor
+    backbone = build_backbone(args.arch, zero_init_residual=args.zero_init_residual,
+                              cifar_stem=args.cifar_stem, width=args.width or None)
+    model = SimSiam(backbone, args.dim, args.pred_dim, args.proj_hidden_dim)
+    model = prepare_model(model, args)
+    logger.info(model)
+    logger.info("Building model done.")
+
+    # build optimizer (plain SGD, no LARC) and the per-epoch cosine schedule
+    init_lr = args.base_lr * args.batch_size * args.world_size / 256
+    optimizer = torch.optim.SGD(optimizer_groups(model, args.fix_pred_lr), lr=init_lr,
+                                momentum=0.9, weight_decay=args.wd)
+    lr_schedule = simsiam_lr_schedule(init_lr, args.epochs, len(train_loader))
+    scaler = setup_precision(args)
+    logger.info(f"Building optimizer done: lr {init_lr:g} (base_lr {args.base_lr:g} x total "
+                f"batch {args.batch_size * args.world_size} / 256)"
+                + (", predictor at a fixed lr" if args.fix_pred_lr else ""))
+
+    # optionally resume from a checkpoint
+    to_restore = resume_training_state(args, model, optimizer, scaler)
+    start_epoch = to_restore["epoch"]
+    training_stats.truncate(start_epoch)
+    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
+    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
+
+    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
+        scores = train(train_loader, model, optimizer, epoch, lr_schedule, args, scaler=scaler,
+                       start_iter=start_iter, state=state)
+        stopped_at = state.pop("stopped_at", None)  # the epoch was cut by a stop request
+        if stopped_at is None:
+            training_stats.update(scores)
+            if args.rank == 0:
+                log_collapse(scores[2], args.dim, epoch)
+        save_training_state(args, epoch, model, optimizer, scaler,
+                            {"epoch_state": state} if stopped_at else None, start_iter=stopped_at)
+        if preemption.should_stop() and (stopped_at or epoch + 1 < args.epochs):
+            preemption.exit_after_checkpoint(args)  # requeues under Slurm; raises SystemExit
+        start_iter, state = 0, {}
+    return training_stats
+
+
+if __name__ == "__main__":
+    run_main(main, argparse.ArgumentParser("SimSiam pre-training", parents=[get_args_parser()]))

@@ -1,0 +1,45 @@
+#!/bin/bash
+#SBATCH --job-name=deepclusterv2_400ep_pretrain
+#SBATCH --nodes=8
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=8
+#SBATCH --mem=450G
+#SBATCH --time=25:00:00
+#SBATCH --signal=USR1@300
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#
+# DeepCluster-v2 ResNet-50, 400 epochs, batch 4096 (8 nodes x 8 GPUs x 64), 2x160 + 4x96 crops: 74.3% top-1.
+#   DATASET_PATH=/path/to/imagenet/train sbatch scripts/deepclusterv2_400ep_pretrain.sh [extra flags]
+# Flags after the script name override the row's (see scripts/slurm_common.sh and
+# docs/README_slurm.md). 300 s before the time limit every task gets SIGUSR1: it finishes
+# its step, rank 0 checkpoints mid-epoch and the job requeues itself and resumes.
+
+SWAV_SCRIPT=scripts/deepclusterv2_400ep_pretrain.sh
+SWAV_ROOT=${SWAV_ROOT:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}
+# shellcheck source=scripts/slurm_common.sh
+source "$SWAV_ROOT/scripts/slurm_common.sh" ||
+    { echo "error: submit from the root of the checkout, or set SWAV_ROOT" >&2; exit 2; }
+
+swav_launch main_deepclusterv2.py \
+    --nmb_crops 2 4 \
+    --size_crops 160 96 \
+    --min_scale_crops 0.08 0.05 \
+    --max_scale_crops 1. 0.14 \
+    --crops_for_assign 0 1 \
+    --temperature 0.1 \
+    --feat_dim 128 \
+    --nmb_prototypes 3000 3000 3000 \
+    --epochs 400 \
+    --batch_size 64 \
+    --base_lr 4.8 \
+    --final_lr 0.0048 \
+    --freeze_prototypes_niters 300000 \
+    --wd 0.000001 \
+    --warmup_epochs 10 \
+    --start_warmup 0.3 \
+    --arch resnet50 \
+    --use_fp16 false \
+    --sync_bn apex \
+    "$@"

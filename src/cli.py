@@ -1,0 +1,130 @@
+"""Command-line flags that every pre-training entry point shares (names and defaults as the
+original's main_swav.py), so each main declares only its own method's flags, and the
+`__main__` block they share."""
+import sys
+
+from . import distributed as du
+from .checkpoint import CheckpointError
+from .engine import NonFiniteLossError
+from .monitor import CollapseError
+from .multicropdataset import DataError
+from .resnet50 import ARCHS
+from .utils import bool_flag
+
+
+def run_main(main, parser):
+    """Parse, run `main(args)`; bad input ends with a one-line `error: ...` (exit status 1)."""
+    try:
+        return main(parser.parse_args())
+    except (DataError, CheckpointError, ValueError, NonFiniteLossError, CollapseError) as e:
+        sys.exit(f"error: {e}")
+    except RuntimeError as e:  # gloo/NCCL: a peer hung or died and a collective timed out
+        if not (du.is_dist() and "timed out" in str(e).lower()):
+            raise
+        sys.exit(f"error: rank {du.get_rank()}: a collective timed out (--dist_timeout_min "
+                 "reached): another rank died, hung or fell far behind; see its log "
+                 f"(train.log-RANK) [{str(e).strip().splitlines()[0][:200]}]")
+    finally:
+        du.destroy()
+
+
+def add_multicrop_args(parser):
+    """The multi-crop data flags of main_swav.py and main_deepclusterv2.py."""
+    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                        help="path to dataset repository")
+    parser.add_argument("--nmb_crops", type=int, default=[2], nargs="+",
+                        help="list of number of crops (example: [2, 6])")
+    parser.add_argument("--size_crops", type=int, default=[224], nargs="+",
+                        help="crops resolutions (example: [224, 96])")
+    parser.add_argument("--min_scale_crops", type=float, default=[0.14], nargs="+",
+                        help="argument in RandomResizedCrop (example: [0.14, 0.05])")
+    parser.add_argument("--max_scale_crops", type=float, default=[1], nargs="+",
+                        help="argument in RandomResizedCrop (example: [1., 0.14])")
+    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
+                        help="Gaussian blur: PIL radius (final code) or the 23x23-kernel blur of "
+                             "the published runs")
+    parser.add_argument("--augment", type=str, default="fast", choices=["fast", "pil"],
+                        help="augmentation code: fast (src/fastaugment.py: same random draws and "
+                             "same tensors as pil, faster) or pil (the original torchvision/PIL "
+                             "transforms)")
+    parser.add_argument("--strict_data", type=bool_flag, default=False,
+                        help="stop on an unreadable image instead of skipping it with a warning")
+    return parser
+
+
+def add_larc_optim_args(parser, freeze_prototypes_niters=313):
+    """LARC + SGD with warm-up and cosine schedule (main_swav.py, main_deepclusterv2.py)."""
+    parser.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
+    parser.add_argument("--batch_size", default=64, type=int,
+                        help="batch size per gpu, i.e. how many unique instances per gpu")
+    parser.add_argument("--base_lr", default=4.8, type=float, help="base learning rate")
+    parser.add_argument("--final_lr", type=float, default=0, help="final learning rate")
+    parser.add_argument("--freeze_prototypes_niters", default=freeze_prototypes_niters, type=int,
+                        help="freeze the prototypes during this many iterations from the start")
+    parser.add_argument("--wd", default=1e-6, type=float, help="weight decay")
+    parser.add_argument("--warmup_epochs", default=10, type=int, help="number of warmup epochs")
+    parser.add_argument("--start_warmup", default=0, type=float, help="initial warmup learning rate")
+    return parser
+
+
+def check_crops_for_assign(args):
+    """--crops_for_assign must name existing crops (ids 0 .. total crops - 1)."""
+    ncrops = sum(args.nmb_crops)
+    if not args.crops_for_assign or any(c < 0 or c >= ncrops for c in args.crops_for_assign):
+        raise ValueError(f"--crops_for_assign {args.crops_for_assign} out of range: there are "
+                         f"{ncrops} crops (ids 0..{ncrops - 1})")
+    return ncrops
+
+
+def add_distributed_args(parser):
+    parser.add_argument("--dist_url", default="env://", type=str,
+                        help="url used to set up distributed training")
+    parser.add_argument("--world_size", default=-1, type=int,
+                        help="number of processes: set automatically from the launcher")
+    parser.add_argument("--rank", default=0, type=int,
+                        help="rank of this process: set automatically from the launcher")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="this argument is not used and should be ignored")
+    parser.add_argument("--dist_timeout_min", default=30, type=float,
+                        help="minutes a collective may wait before the job fails")
+    return parser
+
+
+def add_backbone_args(parser):
+    parser.add_argument("--arch", default="resnet50", type=str, choices=sorted(ARCHS),
+                        help="convnet architecture")
+    parser.add_argument("--cifar_stem", type=bool_flag, default=False,
+                        help="small images: 3x3 stride-1 stem conv and no max-pool")
+    parser.add_argument("--width", type=int, default=0,
+                        help="stem width of the backbone (0: the arch's default, 64 x widen)")
+    return parser
+
+
+def add_run_args(parser):
+    """Loader workers, checkpoints, precision, device, SyncBN, output folder, seed."""
+    parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
+    parser.add_argument("--checkpoint_freq", type=int, default=25,
+                        help="Save the model periodically")
+    parser.add_argument("--use_fp16", type=bool_flag, default=True,
+                        help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with "
+                             "native bf16, else fp32")
+    parser.add_argument("--amp_dtype", type=str, default="auto",
+                        choices=["auto", "float16", "bfloat16"],
+                        help="autocast dtype under --use_fp16 (auto: fp16 on CUDA, bf16 on CPU)")
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--sync_bn", type=str, default="pytorch",
+                        help="synchronize bn: pytorch (global), apex (groups), none")
+    parser.add_argument("--syncbn_process_group_size", type=int, default=8,
+                        help="ranks per SyncBN group with --sync_bn apex")
+    parser.add_argument("--dump_path", type=str, default=".",
+                        help="experiment dump path for checkpoints and log")
+    parser.add_argument("--seed", type=int, default=31, help="seed")
+    parser.add_argument("--resume", type=str, default="",
+                        help="resume from this checkpoint (an error if it does not load); by "
+                             "default dump_path/checkpoint.pth.tar, or when it is corrupt the "
+                             "newest loadable checkpoints/ckp-N.pth")
+    parser.add_argument("--max_nonfinite_steps", type=int, default=20,
+                        help="fp16 loss scaler: stop after this many consecutive steps skipped "
+                             "for inf/NaN (without a scaler the first one stops the run)")
+    return parser

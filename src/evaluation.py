@@ -1,0 +1,478 @@
+"""What the evaluations (eval_linear, eval_semisup, eval_knn) share.
+
+- data: the original's eval transforms (sizes as flags), `train/` + `val/` ImageFolders checked
+  for bad input, val labelled with train's class indices;
+- a frozen backbone: a ResNet in eval mode with --pretrained loaded, or raw pixels
+  (`--arch pixels`, a baseline);
+- sharded validation and feature extraction where each image is counted exactly once, metrics
+  all-reduced and features gathered across ranks;
+- one supervised training epoch (cross-entropy, top-1/top-5) used by the linear probe and the
+  fine-tuning, and the weighted k-NN classifier;
+- the evaluations' own checkpoint/stats names, so they can share a pre-training dump_path.
+"""
+import logging
+import os
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as transforms
+
+from . import distributed as du
+from .amp import autocast, resolve_amp
+from .checkpoint import CheckpointError, atomic_save, model_state_dict, restart_from_checkpoint
+from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
+from .pretrained import load_pretrained
+from .resnet50 import ARCHS, build_backbone
+from .utils import AverageMeter, accuracy, bool_flag
+
+logger = logging.getLogger()
+
+PIXELS = "pixels"
+
+
+# ----------------------------------------------------------------------------- flags
+def add_eval_model_args(parser, pixels=True):
+    """--arch (+ `pixels`), --pretrained, --cifar_stem, --width."""
+    choices = sorted(ARCHS) + ([PIXELS] if pixels else [])
+    parser.add_argument("--arch", default="resnet50", type=str, choices=choices,
+                        help="convnet architecture" + (" (pixels: raw-pixel baseline)" if pixels else ""))
+    parser.add_argument("--pretrained", default="", type=str,
+                        help="path to pretrained weights (ours, the released files, torchvision); "
+                             "empty: random weights")
+    parser.add_argument("--cifar_stem", type=bool_flag, default=False,
+                        help="small images: 3x3 stride-1 stem conv and no max-pool")
+    parser.add_argument("--width", type=int, default=0,
+                        help="stem width of the backbone (0: the arch's default, 64 x widen)")
+    return parser
+
+
+def add_eval_data_args(parser, train_crop=True):
+    """Image sizes (the original's 224/256/224 by default) so small images can be evaluated."""
+    if train_crop:
+        parser.add_argument("--train_crop", type=int, default=224,
+                            help="RandomResizedCrop size for training images")
+        parser.add_argument("--train_min_scale", type=float, default=0.08,
+                            help="smallest RandomResizedCrop scale (torchvision's default)")
+    parser.add_argument("--resize", type=int, default=256,
+                        help="validation images are resized to this (shorter side) ...")
+    parser.add_argument("--center_crop", type=int, default=224, help="... then centre-cropped")
+    return parser
+
+
+def add_eval_run_args(parser, log_freq=50):
+    """Device, precision of frozen forwards, TensorBoard, log frequency."""
+    parser.add_argument("--device", type=str, default="auto",
+                        help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--use_fp16", type=bool_flag, default=False,
+                        help="mixed precision for the forward passes (fp16 on CUDA, bf16 on a CPU "
+                             "with native bf16)")
+    parser.add_argument("--amp_dtype", type=str, default="auto",
+                        choices=["auto", "float16", "bfloat16"], help="autocast dtype under --use_fp16")
+    parser.add_argument("--tensorboard", type=bool_flag, default=False,
+                        help="write scalars under dump_path/tb (rank 0; needs tensorboard)")
+    parser.add_argument("--log_freq", type=int, default=log_freq, help="log every this many iterations")
+    return parser
+
+
+# ----------------------------------------------------------------------------- data
+def eval_transforms(args):
+    """(train, val) transforms: RandomResizedCrop + flip / Resize + CenterCrop, std 0.228."""
+    normalize = transforms.Normalize(mean=MEAN, std=STD)
+    train = None
+    if hasattr(args, "train_crop"):
+        if not 0 < args.train_min_scale <= 1:
+            raise ValueError(f"--train_min_scale must be in (0, 1], got {args.train_min_scale}")
+        train = transforms.Compose([
+            transforms.RandomResizedCrop(args.train_crop, scale=(args.train_min_scale, 1.0)),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            normalize,
+        ])
+    if args.center_crop > args.resize:
+        raise ValueError(f"--center_crop {args.center_crop} is larger than --resize {args.resize}")
+    val = transforms.Compose([
+        transforms.Resize(args.resize),
+        transforms.CenterCrop(args.center_crop),
+        transforms.ToTensor(),
+        normalize,
+    ])
+    return train, val
+
+
+class EvalImageFolder(SafeImageFolder):
+    """(image, label) ImageFolder; unreadable files skipped with a warning; labels can be fixed by
+    a given class_to_idx (val uses train's); an item may be `(index, seed)` (SeededSampler) so
+    each image's augmentation depends only on its own seed."""
+
+    def __init__(self, root, transform=None, class_to_idx=None, strict_data=False):
+        self._given_classes = class_to_idx
+        super().__init__(root, transform=transform, strict_data=strict_data)
+
+    def find_classes(self, directory):
+        classes, class_to_idx = super().find_classes(directory)
+        if self._given_classes is None:
+            return classes, class_to_idx
+        unknown = sorted(set(classes) - set(self._given_classes))
+        if unknown:
+            raise DataError(f"class {unknown[0]!r} of {directory} is not in the training set "
+                            f"({len(unknown)} such class(es))")
+        given = sorted(self._given_classes, key=self._given_classes.get)
+        return given, dict(self._given_classes)
+
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        image, used = self.load_image(index)
+        target = self.samples[used][1]
+        if self.transform is not None:
+            if seed is None:
+                image = self.transform(image)
+            else:
+                in_main = torch.utils.data.get_worker_info() is None
+                with torch.random.fork_rng(devices=[]) if in_main else nullcontext():
+                    torch.default_generator.manual_seed(seed)
+                    image = self.transform(image)
+        return image, target
+
+
+def check_train_val(data_path):
+    """One-line errors for a missing train/ or val/ (each must be an ImageFolder)."""
+    if not data_path or not os.path.isdir(data_path):
+        raise DataError(f"--data_path {data_path!r} does not exist or is not a folder")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(data_path, split)):
+            raise DataError(f"--data_path {data_path!r} has no {split}/ folder (expected "
+                            f"{data_path}/train/<class>/... and {data_path}/val/<class>/...)")
+        check_image_folder(os.path.join(data_path, split), what=f"{split}/ of --data_path")
+
+
+def build_eval_datasets(data_path, train_transform, val_transform):
+    check_train_val(data_path)
+    train = EvalImageFolder(os.path.join(data_path, "train"), train_transform)
+    val = EvalImageFolder(os.path.join(data_path, "val"), val_transform,
+                          class_to_idx=train.class_to_idx)
+    logger.info(f"data: {len(train)} train and {len(val)} val images, {len(train.classes)} classes")
+    return train, val
+
+
+class ShardSampler(torch.utils.data.Sampler):
+    """Indices rank, rank + world_size, ...: every sample on exactly one rank, no padding
+    (a DistributedSampler would repeat samples to even out the shards)."""
+
+    def __init__(self, size, rank=None, world_size=None):
+        rank = du.get_rank() if rank is None else rank
+        world_size = du.get_world_size() if world_size is None else world_size
+        self.indices = range(rank, size, world_size)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self):
+        return len(self.indices)
+
+
+def shard_loader(dataset, args, batch_size=None):
+    return torch.utils.data.DataLoader(
+        dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size or args.batch_size,
+        num_workers=args.workers, pin_memory=str(args.device).startswith("cuda"))
+
+
+# ----------------------------------------------------------------------------- models
+class PixelFeatures(nn.Module):
+    """Raw pixels as a 'feature map' [N, C*H*W, 1, 1]: the baseline a method has to beat."""
+
+    def __init__(self, num_features):
+        super().__init__()
+        self.num_features = num_features
+        self.register_buffer("_device_anchor", torch.zeros(0), persistent=False)
+
+    def forward(self, x):
+        return x.flatten(1)[:, :, None, None]
+
+
+def load_backbone_weights(model, path):
+    """--pretrained into `model` (every format src/pretrained.py reads); empty: keep random."""
+    if not path:
+        logger.warning("no --pretrained given: evaluating the randomly initialised backbone")
+        return None
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--pretrained {path}: no such file")
+    return load_pretrained(model, path)
+
+
+def build_frozen_backbone(args, image_size):
+    """The feature extractor in eval mode without gradients: a ResNet (eval_mode: layer4 map) with
+    --pretrained loaded, or PixelFeatures. `num_features` gives the channel count."""
+    if args.arch == PIXELS:
+        if args.pretrained:
+            raise ValueError("--arch pixels takes no --pretrained weights")
+        model = PixelFeatures(3 * image_size * image_size)
+    else:
+        model = build_backbone(args.arch, output_dim=0, eval_mode=True,
+                               cifar_stem=args.cifar_stem, width=args.width or None)
+        load_backbone_weights(model, args.pretrained)
+    model = model.to(args.device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def forward_autocast(model, inp, args):
+    """model(inp) on args.device, under autocast when --use_fp16 (bf16/fp16 by device)."""
+    device = torch.device(args.device)
+    dtype, _, _ = resolve_amp(getattr(args, "use_fp16", False), getattr(args, "amp_dtype", "auto"),
+                              device)
+    with autocast(device, dtype):
+        return model(inp.to(device, non_blocking=True))
+
+
+def frozen_forward(model, inp, args):
+    """Frozen backbone output in fp32, no graph."""
+    with torch.no_grad():
+        return forward_autocast(model, inp, args).float()
+
+
+class RegLog(nn.Module):
+    """Logistic regression on frozen features, as the original's eval_linear.RegLog.
+
+    global_avg: AdaptiveAvgPool2d(1) -> Linear(features -> labels) (features: 2048 x widen, or
+    the backbone's `num_features`). Otherwise (resnet50 only, 7x7 maps): AvgPool2d(6, stride 1)
+    -> 2x2x2048 = 8192 values -> optional BatchNorm2d(2048) before pooling's flatten -> Linear.
+    As in the original, `use_bn` only applies without global pooling. Weights N(0, 0.01), bias 0.
+    """
+
+    WIDTHS = {"resnet50": 2048, "resnet50w2": 4096, "resnet50w4": 8192, "resnet50w5": 10240,
+              "resnet18": 512, "resnet34": 512}
+
+    def __init__(self, num_labels, arch="resnet50", global_avg=False, use_bn=True,
+                 num_features=None):
+        super().__init__()
+        self.bn = None
+        if global_avg:
+            if num_features is None:
+                if arch not in self.WIDTHS:
+                    raise ValueError(f"RegLog: unknown arch {arch!r}: give num_features")
+                num_features = self.WIDTHS[arch]
+            s = num_features
+            self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
+        else:
+            if arch != "resnet50":
+                raise ValueError(f"--global_pooling false is only defined for resnet50 "
+                                 f"(2048 x 7 x 7 maps), not {arch}")
+            s = 8192
+            self.av_pool = nn.AvgPool2d(6, stride=1)
+            if use_bn:
+                self.bn = nn.BatchNorm2d(2048)
+        self.linear = nn.Linear(s, num_labels)
+        self.linear.weight.data.normal_(mean=0.0, std=0.01)
+        self.linear.bias.data.zero_()
+
+    def forward(self, x):
+        # average pool the final feature map
+        x = self.av_pool(x)
+        # optional BN
+        if self.bn is not None:
+            x = self.bn(x)
+        # flatten (reshape: the pooled map is not always contiguous)
+        x = x.reshape(x.size(0), -1)
+        return self.linear(x)
+
+
+# ----------------------------------------------------------------------------- features
+@torch.no_grad()
+def extract_features(model, dataset, args, pool=True, batch_size=None):
+    """Frozen outputs for the whole dataset, in dataset order, on every rank: each rank computes
+    its shard once, then shards are all-gathered. Returns (features float32 CPU, labels long)."""
+    loader = shard_loader(dataset, args, batch_size)
+    feats, labels = [], []
+    for inp, target in loader:
+        out = frozen_forward(model, inp, args)
+        if pool:
+            out = F.adaptive_avg_pool2d(out, 1).flatten(1)
+        feats.append(out.cpu())
+        labels.append(target)
+    if not feats:  # a rank with an empty shard still takes part in the gather
+        shape = frozen_forward(model, dataset[0][0].unsqueeze(0), args).shape[1:]
+        feats = [torch.zeros((0, *shape) if not pool else (0, shape[0]))]
+        labels = [torch.zeros(0, dtype=torch.long)]
+    return gather_shards(torch.cat(feats), torch.cat(labels).long(), len(dataset), args)
+
+
+def gather_shards(local_feats, local_labels, size, args):
+    """Undo ShardSampler: every rank gets [size, ...] with row i = sample i."""
+    world = du.get_world_size()
+    if world == 1:
+        return local_feats, local_labels
+    device = torch.device(args.device)
+    n_max = -(-size // world)
+    pad = n_max - local_feats.shape[0]
+    f = torch.cat([local_feats, local_feats.new_zeros((pad, *local_feats.shape[1:]))]).to(device)
+    y = torch.cat([local_labels, local_labels.new_zeros(pad)]).to(device)
+    feats = local_feats.new_empty((size, *local_feats.shape[1:]))
+    labels = local_labels.new_empty(size)
+    for r, (fr, yr) in enumerate(zip(du.all_gather(f), du.all_gather(y))):
+        n = len(range(r, size, world))
+        feats[r::world] = fr[:n].cpu()
+        labels[r::world] = yr[:n].cpu()
+    return feats, labels
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07,
+                 batch_size=256):
+    """Weighted k-NN (Wu et al. 2018, as in DINO): cosine similarity to the L2-normalised train
+    features, the k nearest vote for their class with weight exp(sim / T).
+    Returns class scores [n_test, num_classes] (argmax = prediction)."""
+    train_features = F.normalize(train_features.float(), dim=1)
+    test_features = F.normalize(test_features.float(), dim=1)
+    k = min(k, train_features.shape[0])
+    scores = []
+    for start in range(0, test_features.shape[0], batch_size):
+        sim = test_features[start:start + batch_size] @ train_features.t()
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
+        votes.scatter_add_(1, train_labels[top_idx], weights)
+        scores.append(votes)
+    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+
+
+# ----------------------------------------------------------------------------- train / validate
+class ClassificationMeter:
+    """Sums of loss, top-1 and top-5 hits and samples; `summary()` all-reduces them."""
+
+    def __init__(self):
+        self.sums = torch.zeros(4, dtype=torch.float64)
+
+    def update(self, loss, output, target):
+        n = target.shape[0]
+        acc1, acc5 = accuracy(output.detach().float(), target, topk=(1, 5))
+        self.sums += torch.tensor([loss * n, acc1.item() * n / 100, acc5.item() * n / 100, n],
+                                  dtype=torch.float64)
+        return acc1.item(), acc5.item()
+
+    def summary(self, device="cpu"):
+        """(loss, top-1 %, top-5 %) over every rank's samples, each counted once."""
+        sums = du.all_reduce(self.sums.to(device)).cpu()
+        n = max(sums[3].item(), 1)
+        return sums[0].item() / n, 100 * sums[1].item() / n, 100 * sums[2].item() / n
+
+
+def train_epoch(forward, modules, loader, optimizer, epoch, args):
+    """One epoch of cross-entropy training of `modules` on `forward(inputs) -> logits`.
+    Returns (epoch, loss, prec1, prec5) over all ranks, the original's row."""
+    for m in modules:
+        m.train()
+    criterion = nn.CrossEntropyLoss()
+    meter, batch_time, data_time = ClassificationMeter(), AverageMeter(), AverageMeter()
+    losses = AverageMeter()
+    end = time.perf_counter()
+    for it, (inp, target) in enumerate(loader):
+        data_time.update(time.perf_counter() - end)
+        target = target.to(args.device, non_blocking=True)
+        output = forward(inp)
+        loss = criterion(output.float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        acc1, _ = meter.update(loss.item(), output, target)
+        losses.update(loss.item(), target.shape[0])
+        batch_time.update(time.perf_counter() - end)
+        end = time.perf_counter()
+        if args.rank == 0 and it % args.log_freq == 0:
+            lrs = " ".join(f"{g['lr']:.4g}" for g in optimizer.param_groups)
+            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
+                        f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                        f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
+                        f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {acc1:.3f}\tLR {lrs}")
+    return (epoch, *meter.summary(args.device))
+
+
+@torch.no_grad()
+def validate(forward, modules, loader, args):
+    """(loss, top-1, top-5) on a sharded loader, all-reduced: each val image counted once."""
+    for m in modules:
+        m.eval()
+    criterion = nn.CrossEntropyLoss()
+    meter = ClassificationMeter()
+    for inp, target in loader:
+        target = target.to(args.device, non_blocking=True)
+        output = forward(inp).float()
+        meter.update(criterion(output, target).item(), output, target)
+    return meter.summary(args.device)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def eval_paths(args, name):
+    """The evaluation's own files in dump_path, apart from a pre-training run's."""
+    return {"checkpoint": os.path.join(args.dump_path, f"checkpoint_{name}.pth.tar"),
+            "stats": f"stats_{name}", "log": f"{name}.log", "params": f"params_{name}.pkl"}
+
+
+def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args):
+    if args.rank != 0:
+        return
+    atomic_save({"epoch": epoch + 1, "state_dict": model_state_dict(model),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "best_acc": list(best_acc),
+                 "args": {k: v for k, v in vars(args).items()
+                          if isinstance(v, (int, float, str, bool, list, type(None)))}}, path)
+
+
+def resume_eval_state(path, model, optimizer, scheduler):
+    """(start epoch, best (top-1, top-5)) from `path` when it exists."""
+    to_restore = {"epoch": 0, "best_acc": [0.0, 0.0]}
+    restart_from_checkpoint(path, run_variables=to_restore, state_dict=model,
+                            optimizer=optimizer, scheduler=scheduler)
+    return to_restore["epoch"], tuple(to_restore["best_acc"])
+
+
+
+# ----------------------------------------------------------------------------- labelled subsets
+def read_subset_file(path, train_root, class_to_idx):
+    """Samples named by a subset file: one image per line, a path relative to train/
+    (`class/img.jpg`), or, as SimCLR's ImageNet lists, a bare file name whose class folder is
+    the prefix before the first `_` (`n01440764_10026.JPEG`)."""
+    if not os.path.isfile(path):
+        raise DataError(f"--subset_file {path}: no such file")
+    with open(path) as f:
+        names = [line.strip() for line in f if line.strip()]
+    if not names:
+        raise DataError(f"--subset_file {path} is empty")
+    samples, missing = [], []
+    for name in names:
+        rel = name if "/" in name else os.path.join(name.split("_")[0], name)
+        cls = rel.split("/")[0]
+        full = os.path.join(train_root, rel)
+        if cls not in class_to_idx or not os.path.isfile(full):
+            missing.append(rel)
+            continue
+        samples.append((full, class_to_idx[cls]))
+    if missing:
+        raise DataError(f"--subset_file {path}: {len(missing)} of {len(names)} files are not in "
+                        f"{train_root} (first: {missing[0]})")
+    return samples
+
+
+def stratified_subset(samples, labels_perc, seed, classes=None):
+    """`labels_perc` % of each class's samples (rounded), drawn by a seeded RNG: deterministic,
+    in the original sample order. A class left with no image is an error."""
+    if not 0 < labels_perc <= 100:
+        raise ValueError(f"--labels_perc must be in (0, 100], got {labels_perc}")
+    by_class = {}
+    for i, (_, target) in enumerate(samples):
+        by_class.setdefault(target, []).append(i)
+    generator = torch.Generator().manual_seed(seed)
+    keep = []
+    for target in sorted(by_class):
+        idx = by_class[target]
+        n = int(len(idx) * labels_perc / 100 + 0.5)
+        if n == 0:
+            name = classes[target] if classes else target
+            raise DataError(f"--labels_perc {labels_perc} leaves class {name!r} "
+                            f"({len(idx)} images) without any labelled image")
+        perm = torch.randperm(len(idx), generator=generator)[:n]
+        keep.extend(idx[j] for j in perm.tolist())
+    return [samples[i] for i in sorted(keep)]

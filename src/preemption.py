@@ -1,0 +1,130 @@
+"""Stop cleanly when Slurm warns that a job is about to end (time limit, preemption, or by hand),
+write a mid-epoch checkpoint, requeue the job and exit.
+
+Slurm sends SIGUSR1 `<seconds>` before the time limit with `#SBATCH --signal=USR1@<seconds>`, or
+on demand with `scancel --signal=USR1 <jobid>`; both reach every task of the job's steps. The
+handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every step;
+it all-reduces the flag, so every rank stops after the same step even when the signal reached the
+ranks at different moments. The entry point then writes a checkpoint at that iteration and calls
+`exit_after_checkpoint()`: under Slurm rank 0 runs `scontrol requeue $SLURM_JOB_ID` and every rank
+exits 0 (the requeued job resumes from the checkpoint); without Slurm, or when the requeue fails,
+every rank exits with REQUEUE_EXIT_CODE so a wrapper can tell "stopped, run me again" from success
+(0) and from an error (1).
+
+Use in an entry point (every rank runs the same calls):
+    preemption.install()                      # before the loaders fork their workers
+    ... EpochProgress(..., state=state) stops the epoch; state["stopped_at"] is the next iteration
+    if preemption.should_stop():              # after the (mid-epoch or end-of-epoch) checkpoint
+        preemption.exit_after_checkpoint(args)
+"""
+import logging
+import os
+import signal
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from . import distributed as du
+
+logger = logging.getLogger()
+
+# EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry"
+REQUEUE_EXIT_CODE = 75
+
+
+class _State:
+    installed = False
+    received = None   # name of the signal this process received, set by the handler
+    agreed = False    # every rank agreed to stop: sticky once True
+
+
+_state = _State()
+
+
+def _handler(signum, frame):
+    # only set a flag: the step in progress finishes and the ranks agree before stopping
+    _state.received = signal.Signals(signum).name
+
+
+def install(signals=(signal.SIGUSR1,)):
+    """Catch `signals` in this process (call from the main thread, before DataLoader workers are
+    forked: they inherit the handler, so the signal Slurm also sends them does not kill them)."""
+    for sig in signals:
+        signal.signal(sig, _handler)
+    _state.installed = True
+
+
+def reset():
+    """Forget a received signal and uninstall (tests, or a second run in the same process)."""
+    if _state.installed:
+        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    _state.installed, _state.received, _state.agreed = False, None, False
+
+
+def requested():
+    """This process received the signal (no collective)."""
+    return _state.received is not None
+
+
+def should_stop():
+    """True once any rank received the signal. A collective when distributed: every rank must
+    call it at the same points (EpochProgress does after every step). False, and no collective,
+    unless `install()` was called, so evaluation loops with uneven shards are unaffected."""
+    if not _state.installed:
+        return False
+    if _state.agreed:
+        return True
+    flag = 1 if _state.received else 0
+    if du.get_world_size() > 1:
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        t = torch.tensor([flag], dtype=torch.int32, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        flag = int(t.item())
+    if flag:
+        _state.agreed = True
+        how = f"received {_state.received}" if _state.received else "another rank received it"
+        logger.warning(f"stop requested ({how}): finishing this step, then checkpointing")
+    return _state.agreed
+
+
+def exit_after_checkpoint(args):
+    """After rank 0 wrote the checkpoint (all ranks call this): requeue the Slurm job and exit 0,
+    or exit REQUEUE_EXIT_CODE without Slurm. Raises SystemExit."""
+    # scontrol requeue makes Slurm send SIGTERM to this job's processes: ignore it for the few
+    # moments we need to leave cleanly (SIGKILL still comes after Slurm's KillWait)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    du.barrier()  # rank 0's checkpoint is on disk before anyone requeues or leaves
+    job = os.environ.get("SLURM_JOB_ID")
+    code = REQUEUE_EXIT_CODE
+    if args.rank == 0:
+        where = os.path.join(args.dump_path, "checkpoint.pth.tar")
+        if job:
+            code = _requeue(job, where)
+        else:
+            logger.warning(f"stopped by a signal; checkpoint at {where}: run the same command "
+                           f"again to resume (exit status {code})")
+    if du.get_world_size() > 1:  # every rank leaves with rank 0's status
+        t = torch.tensor([code], dtype=torch.int32)
+        if dist.get_backend() == "nccl":
+            t = t.cuda()
+        dist.broadcast(t, 0)
+        code = int(t.item())
+    du.destroy()
+    raise SystemExit(code)
+
+
+def _requeue(job, where):
+    try:
+        subprocess.run(["scontrol", "requeue", job], check=True, capture_output=True, text=True,
+                       timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", None) or str(e)
+        logger.error(f"could not requeue Slurm job {job} ({str(detail).strip()[:200]}): "
+                     f"resubmit the same script to resume from {where} (exit status "
+                     f"{REQUEUE_EXIT_CODE})")
+        return REQUEUE_EXIT_CODE
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", 0))
+    logger.warning(f"requeued Slurm job {job} (restart {restarts + 1}): it resumes from {where}")
+    return 0

@@ -1,0 +1,135 @@
+"""Preemption (src/preemption.py + EpochProgress + main_swav): a SIGUSR1 mid-epoch stops after
+the current step, writes a mid-epoch checkpoint, exits REQUEUE_EXIT_CODE without Slurm, and the
+resumed run ends with the same weights and stats as an uninterrupted one. The real Slurm path
+(sbatch, scancel --signal, scontrol requeue) is exercised by `make test-slurm`."""
+import os
+import signal
+
+import pandas as pd
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import main_swav
+from conftest import tiny_swav_argv
+from src import preemption
+
+
+@pytest.fixture(autouse=True)
+def _clean(monkeypatch):
+    for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    preemption.reset()
+    yield
+    preemption.reset()
+
+
+def _main(argv):
+    parser = main_swav.get_args_parser()
+    return main_swav.main(parser.parse_args(argv))
+
+
+def _signal_at_step(monkeypatch, step):
+    """Send this process SIGUSR1 during the `step`-th loss computation (0-based, whole run)."""
+    calls = {"n": 0}
+    loss_fn = main_swav.swav_loss
+
+    def wrapped(*a, **kw):
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        calls["n"] += 1
+        return loss_fn(*a, **kw)
+
+    monkeypatch.setattr(main_swav, "swav_loss", wrapped)
+
+
+def _load(dump):
+    return torch.load(os.path.join(dump, "checkpoint.pth.tar"), map_location="cpu",
+                      weights_only=True)
+
+
+# 24 images, batch 8, one process: 3 iterations per epoch; the queue (2 batches) fills in
+# epoch 0 and is used from its iteration 2 on
+EXTRA = ["--epochs", "2", "--queue_length", "16", "--epoch_queue_starts", "0",
+         "--freeze_prototypes_niters", "2"]
+
+
+def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path, monkeypatch):
+    ref = str(tmp_path / "ref")
+    _main(tiny_swav_argv(image_folder, ref, EXTRA))
+    preemption.reset()
+
+    dump = str(tmp_path / "stopped")
+    _signal_at_step(monkeypatch, 4)  # epoch 1, iteration 1
+    with pytest.raises(SystemExit) as stop:
+        _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    assert stop.value.code == preemption.REQUEUE_EXIT_CODE
+    ckp = _load(dump)
+    # mid-epoch: "epoch" is the epoch to resume (not the next one), at iteration 2
+    assert ckp["epoch"] == 1 and ckp["start_iter"] == 2
+    assert ckp["epoch_state"]["use_the_queue"] is True
+    assert ckp["queue"].shape == (1, 2, 16, 16)
+    assert not os.path.exists(os.path.join(dump, "checkpoints", "ckp-1.pth"))
+    assert list(pd.read_pickle(os.path.join(dump, "stats0.pkl"))["epoch"]) == [0]  # no partial row
+    log = open(os.path.join(dump, "train.log")).read()
+    assert "stop requested (received SIGUSR1)" in log and "resumes at iteration 2" in log
+
+    preemption.reset()
+    monkeypatch.undo()
+    _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    final, expected = _load(dump), _load(ref)
+    assert final["epoch"] == 2 and "start_iter" not in final
+    for key in expected["state_dict"]:
+        assert torch.equal(final["state_dict"][key], expected["state_dict"][key]), key
+    assert torch.equal(final["queue"], expected["queue"])
+    stats = pd.read_pickle(os.path.join(dump, "stats0.pkl"))
+    ref_stats = pd.read_pickle(os.path.join(ref, "stats0.pkl"))
+    assert list(stats["epoch"]) == [0, 1]
+    assert list(stats["loss"]) == list(ref_stats["loss"])  # epoch 1's average spans both parts
+
+
+def test_signal_on_last_step_ends_epoch_normally(image_folder, tmp_path, monkeypatch):
+    dump = str(tmp_path / "run")
+    _signal_at_step(monkeypatch, 2)  # the last iteration of epoch 0
+    with pytest.raises(SystemExit) as stop:
+        _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    assert stop.value.code == preemption.REQUEUE_EXIT_CODE
+    ckp = _load(dump)
+    assert ckp["epoch"] == 1 and "start_iter" not in ckp and "epoch_state" not in ckp
+    assert os.path.isfile(os.path.join(dump, "checkpoints", "ckp-0.pth"))
+
+
+def test_not_installed_never_stops():
+    preemption._state.received = "SIGUSR1"
+    assert preemption.requested() and not preemption.should_stop()
+
+
+def _agree(rank, port, signalled, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    preemption.install()
+    answers = [preemption.should_stop()]
+    if rank in signalled:
+        os.kill(os.getpid(), signal.SIGUSR1)
+    answers.append(preemption.should_stop())
+    answers.append(preemption.should_stop())  # sticky, and still a matched collective
+    out.put((rank, answers))
+    dist.destroy_process_group()
+
+
+def test_ranks_agree_when_only_one_is_signalled():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("fork")  # no re-import of torch: quick
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_agree, args=(r, port, {1}, out)) for r in range(2)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=60) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+        assert p.exitcode == 0
+    assert results == {0: [False, True, True], 1: [False, True, True]}
