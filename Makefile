@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo clean
+.PHONY: venv test test-slurm demo clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): requirements.txt
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# the sbatch scripts on a real one-node Slurm, with a preemption and requeue (needs root: it
+# installs slurm + munge with apt-get when missing; see docs/README_slurm.md)
+test-slurm: $(STAMP)
+	$(PY) tests/slurm/run_test_slurm.py
 
 clean:
 	rm -rf demo_run demo_data

@@ -12,7 +12,6 @@ import logging
 import os
 
 import torch
-from torch.utils.data import TensorDataset
 
 from src import distributed as du
 from src.cli import add_distributed_args, run_main
@@ -20,8 +19,8 @@ from src.engine import build_loader, prepare_model
 from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
                             eval_paths, eval_transforms, extract_features, frozen_forward,
-                            resume_eval_state, save_eval_state, shard_loader, train_epoch,
-                            validate)
+                            resume_eval_state, save_eval_state, shard_loader, tensor_loaders,
+                            train_epoch, validate)
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -111,10 +110,9 @@ def main(args):
     if args.cache_features:
         # frozen features are computed once: the head then trains on tensors
         train_dataset.transform = val_tf
-        train_feats = TensorDataset(*extract_features(model, train_dataset, args, pool=False))
-        val_feats = TensorDataset(*extract_features(model, val_dataset, args, pool=False))
-        train_loader = build_loader(train_feats, args, seeded=False)
-        val_loader = shard_loader(val_feats, args)
+        train_loader, val_loader = tensor_loaders(
+            extract_features(model, train_dataset, args, pool=False),
+            extract_features(model, val_dataset, args, pool=False), args)
         forward = lambda x: linear_classifier(x.to(args.device, non_blocking=True))  # noqa: E731
     else:
         train_loader = build_loader(train_dataset, args)  # per-image seeded augmentations

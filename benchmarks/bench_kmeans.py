@@ -129,7 +129,7 @@ def main():
     parser.add_argument("--iters", type=int, default=10, help="k-means iterations")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--mstep_reps", type=int, default=3, help="repeats of the M-step timing")
+    parser.add_argument("--mstep_reps", type=int, default=5, help="repeats of the M-step timing")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads:

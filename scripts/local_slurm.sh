@@ -60,7 +60,8 @@ SlurmctldPort=$PORT
 SlurmdPort=$((PORT + 1))
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/run/munge.socket
+# cred_expire: also how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket=$DIR/munge/run/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$DIR/slurmctld.pid
@@ -81,6 +82,7 @@ ReturnToService=2
 JobRequeue=1
 KillWait=10
 MinJobAge=3600
+MailProg=/bin/true
 SchedulerParameters=sched_interval=2
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$CPUS State=UNKNOWN
 PartitionName=local Nodes=$NODE Default=YES MaxTime=INFINITE OverSubscribe=NO State=UP

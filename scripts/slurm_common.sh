@@ -52,6 +52,7 @@ swav_check_gpus() {
     local arg device=auto prev=
     for arg in "$@"; do
         if [ "$prev" = "--device" ]; then device=$arg; fi
+        case $arg in --device=*) device=${arg#--device=} ;; esac
         prev=$arg
     done
     [ "$device" = cpu ] && return 0

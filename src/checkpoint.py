@@ -130,7 +130,9 @@ def unwrap(model):
 
 
 def model_state_dict(model):
-    return add_module_prefix(unwrap(model).state_dict())
+    # contiguous: a channels_last model saves the original's NCHW layout (safetensors and
+    # other tools reject strided tensors); values are unchanged
+    return add_module_prefix({k: v.contiguous() for k, v in unwrap(model).state_dict().items()})
 
 
 def load_model_state(model, state_dict, path):

@@ -113,6 +113,8 @@ def add_run_args(parser):
                         help="autocast dtype under --use_fp16 (auto: fp16 on CUDA, bf16 on CPU)")
     parser.add_argument("--device", type=str, default="auto",
                         help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--channels_last", type=bool_flag, default=True,
+                        help="NHWC memory format for the convolutions (faster; same math)")
     parser.add_argument("--sync_bn", type=str, default="pytorch",
                         help="synchronize bn: pytorch (global), apex (groups), none")
     parser.add_argument("--syncbn_process_group_size", type=int, default=8,

@@ -45,7 +45,7 @@ def init_distributed_mode(args):
     want = getattr(args, "device", "auto") or "auto"
     use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for but CUDA is not available")
+        raise ValueError("--device cuda was asked for but CUDA is not available")
 
     if launcher == "none" or world_size == 1:
         args.rank, args.world_size = 0, 1
@@ -56,8 +56,8 @@ def init_distributed_mode(args):
     if use_cuda:
         ngpus = torch.cuda.device_count()
         if local_rank >= ngpus:
-            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
-                               f"GPU(s); start at most {ngpus} tasks per node")
+            raise ValueError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
+                             f"GPU(s); start at most {ngpus} tasks per node")
         args.gpu_to_work_on = local_rank
         torch.cuda.set_device(local_rank)
         args.device = f"cuda:{local_rank}"

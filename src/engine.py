@@ -46,9 +46,14 @@ def build_loader(dataset, args, batch_size=None, seeded=True):
 
 
 def prepare_model(model, args):
-    """SyncBN, device, DDP. Returns the (possibly wrapped) model."""
+    """SyncBN, device, channels_last, DDP. Returns the (possibly wrapped) model.
+
+    channels_last (NHWC, `--channels_last`, on by default) is the layout the convolution
+    libraries are fastest with (cuDNN tensor cores, oneDNN); same math, other summation order."""
     model = du.convert_sync_batchnorm(model, args)
     model = model.to(args.device)
+    if getattr(args, "channels_last", True):
+        model = model.to(memory_format=torch.channels_last)
     if args.world_size > 1:
         device_ids = [args.gpu_to_work_on] if str(args.device).startswith("cuda") else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -186,8 +191,9 @@ class EpochProgress:
     Preemption (src/preemption.py, once installed): after each step every rank asks whether a
     stop was requested; if so, and steps remain, the epoch ends early with `stopped_at` = the
     next iteration. `state` (the entry point's per-epoch dict, saved in a mid-epoch checkpoint)
-    then gets "stopped_at" and "loss_meter" ([sum, count]), and a resumed epoch given that state
-    continues the loss average, so the epoch's stats row equals an uninterrupted run's."""
+    then gets "stopped_at" and "loss_meter" (every rank's [sum, count]), and a resumed epoch
+    given that state continues each rank's loss average, so the epoch's stats rows equal an
+    uninterrupted run's."""
 
     def __init__(self, loader, epoch, args, start_iter=0, log_freq=50, state=None):
         self.loader, self.epoch, self.args = loader, epoch, args
@@ -195,8 +201,9 @@ class EpochProgress:
         self.batch_time, self.data_time, self.losses = AverageMeter(), AverageMeter(), AverageMeter()
         self.niter_per_ep = start_iter + len(loader)
         self.state, self.stopped_at = state, None
-        if state is not None and state.get("loss_meter") and start_iter > 0:
-            self.losses.sum, self.losses.count = state["loss_meter"]
+        meters = (state or {}).get("loss_meter")
+        if start_iter > 0 and meters and len(meters) == du.get_world_size():
+            self.losses.sum, self.losses.count = meters[du.get_rank()]
             self.losses.avg = self.losses.sum / max(self.losses.count, 1)
 
     def __iter__(self):
@@ -208,14 +215,16 @@ class EpochProgress:
             # an ordinary end of epoch
             if preemption.should_stop() and it + 1 < self.niter_per_ep:
                 self.stopped_at = it + 1
-                if self.state is not None:
+                if self.state is not None:  # rank 0 saves it: gather every rank's meter
+                    meter = torch.tensor([self.losses.sum, self.losses.count], dtype=torch.float64)
+                    meters = du.all_gather(meter.to(preemption.collective_device()))
                     self.state["stopped_at"] = self.stopped_at
-                    self.state["loss_meter"] = [self.losses.sum, self.losses.count]
+                    self.state["loss_meter"] = [[m[0].item(), int(m[1].item())] for m in meters]
                 logger.info(f"epoch {self.epoch} stopped after iteration {it} of "
                             f"{self.niter_per_ep}")
                 break
         # unreadable images were skipped (in the loader workers): say how many this epoch
-        nbad = getattr(self.loader.dataset, "pop_bad_images", lambda: 0)()
+        nbad = getattr(getattr(self.loader, "dataset", None), "pop_bad_images", lambda: 0)()
         if nbad:
             on_rank = f" on rank {self.args.rank}" if getattr(self.args, "world_size", 1) > 1 else ""
             logger.warning(f"epoch {self.epoch}: {nbad} unreadable image(s) skipped{on_rank}, "
@@ -333,6 +342,9 @@ def resume_training_state(args, model, optimizer, scaler, extra_keys=()):
         scaler=_ScalerAdapter(scaler) if scaler is not None and scaler.is_enabled() else None)
     if loaded and to_restore["rng"] is not None:
         set_rng_state(to_restore["rng"])
+    if loaded and to_restore["start_iter"]:
+        logger.info(f"resuming epoch {to_restore['epoch']} at iteration {to_restore['start_iter']} "
+                    "(mid-epoch checkpoint)")
     return to_restore
 
 

@@ -173,6 +173,38 @@ class ShardSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
+class TensorLoader:
+    """Batches of in-memory tensors (cached features) in a sampler's order: a DataLoader would
+    index and collate them one sample at a time, which costs more than the linear head."""
+
+    def __init__(self, tensors, sampler, batch_size, drop_last=False):
+        self.tensors, self.sampler = tensors, sampler
+        self.batch_size, self.drop_last = batch_size, drop_last
+
+    def __iter__(self):
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long)
+        for start in range(0, len(self) * self.batch_size, self.batch_size):
+            idx = order[start:start + self.batch_size]
+            yield tuple(t[idx] for t in self.tensors)
+
+    def __len__(self):
+        n = len(self.sampler)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+def tensor_loaders(train, val, args):
+    """(train, val) loaders over cached (features, labels): train shuffled per epoch and padded
+    to equal shards (every rank runs the same number of steps), val sharded without padding."""
+    sampler = torch.utils.data.DistributedSampler(train[0], num_replicas=args.world_size,
+                                                  rank=args.rank, shuffle=True, seed=args.seed)
+    train_loader = TensorLoader(train, sampler, args.batch_size, drop_last=True)
+    if len(train_loader) == 0:
+        raise ValueError(f"{len(train[0])} training images: fewer than one batch of "
+                         f"{args.batch_size} per process (lower --batch_size)")
+    val_loader = TensorLoader(val, ShardSampler(len(val[0])), args.batch_size)
+    return train_loader, val_loader
+
+
 def shard_loader(dataset, args, batch_size=None):
     return torch.utils.data.DataLoader(
         dataset, sampler=ShardSampler(len(dataset)), batch_size=batch_size or args.batch_size,

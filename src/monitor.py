@@ -77,6 +77,7 @@ class CollapseMonitor:
         self.patience, self.tolerance, self.start_iter = patience, tolerance, start_iter
         self.stop, self.remedies, self.name = stop, tuple(remedies), name
         self.run_length = 0          # consecutive iterations at ln(K)
+        self.device = torch.device("cpu")  # where the statistics live (the collectives' device)
         self.collapsed_at = None     # iteration of the first detection on this rank
         self.warned = False
         self._reset_epoch()
@@ -104,18 +105,17 @@ class CollapseMonitor:
         loss_value = float(loss)
         self.loss_sum += loss_value
         self.loss_n += 1
-        device = loss.device if torch.is_tensor(loss) else torch.device("cpu")
+        if torch.is_tensor(loss):
+            self.device = loss.device
         for i, q in enumerate(_as_list(codes)):
             h = i if len(self.ks) > 1 else 0
             e = _entropy_rows(q)
             self.entropy_sum = e if self.entropy_sum is None else self.entropy_sum + e
             self.entropy_n += q.shape[0]
             self._count(h, q.detach().argmax(dim=1), q.shape[1])
-            device = q.device
         for i, a in enumerate(_as_list(assignments)):
             h = i if len(self.ks) > 1 else 0
-            self._count(h, a.detach().long(), self.ks[h])
-            device = a.device
+            self._count(h, a.detach(), self.ks[h])
 
         at_ln_k = abs(loss_value - self.ln_k) <= self.tolerance * self.ln_k
         counting = iteration is None or iteration >= self.start_iter
@@ -126,18 +126,21 @@ class CollapseMonitor:
                 logger.warning(self.warning_text(iteration))
             self.warned = True
         if self.stop and self.patience > 0:
-            self._maybe_stop(iteration, device)
+            self._maybe_stop(iteration)
 
     def _count(self, h, ids, k):
-        ids = ids[ids >= 0]
-        counts = torch.bincount(ids, minlength=k)[:k].float()
+        # index_add_, not bincount or a boolean mask: no device sync
+        ids = ids.long()
+        self.device = ids.device
+        counts = torch.zeros(k, device=ids.device).index_add_(0, ids.clamp(0, k - 1),
+                                                              (ids >= 0).float())
         self.usage[h] = counts if self.usage[h] is None else self.usage[h] + counts
 
-    def _maybe_stop(self, iteration, device):
+    def _maybe_stop(self, iteration):
         collapsed = self.collapsed_at is not None
         if du.get_world_size() > 1:
             # every rank stops at the same iteration, else the others would hang in a collective
-            flag = torch.tensor([float(collapsed)], device=device)
+            flag = torch.tensor([float(collapsed)], device=self.device)
             du.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             collapsed = bool(flag.item() > 0)
         if collapsed:
@@ -160,9 +163,7 @@ class CollapseMonitor:
         """All-reduce the epoch's statistics over ranks, log one line on rank 0, reset, and
         return {"loss_over_ln_k", "assignment_entropy", "entropy_over_ln_k",
         "prototypes_used": [per head], "effective_prototypes": [per head], "collapsed"}."""
-        device = next((u.device for u in self.usage if u is not None), torch.device("cpu"))
-        if self.entropy_sum is not None:
-            device = self.entropy_sum.device
+        device = self.device
         usage = [u if u is not None else torch.zeros(k, device=device)
                  for u, k in zip(self.usage, self.ks)]
         ent = self.entropy_sum if self.entropy_sum is not None else torch.zeros((), device=device)

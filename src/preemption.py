@@ -77,9 +77,7 @@ def should_stop():
         return True
     flag = 1 if _state.received else 0
     if du.get_world_size() > 1:
-        device = torch.device("cuda", torch.cuda.current_device()) \
-            if dist.get_backend() == "nccl" else torch.device("cpu")
-        t = torch.tensor([flag], dtype=torch.int32, device=device)
+        t = torch.tensor([flag], dtype=torch.int32, device=collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         flag = int(t.item())
     if flag:
@@ -87,6 +85,13 @@ def should_stop():
         how = f"received {_state.received}" if _state.received else "another rank received it"
         logger.warning(f"stop requested ({how}): finishing this step, then checkpointing")
     return _state.agreed
+
+
+def collective_device():
+    """Where a small tensor for a collective must live: the GPU under nccl, else the CPU."""
+    if du.is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def exit_after_checkpoint(args):
@@ -106,9 +111,7 @@ def exit_after_checkpoint(args):
             logger.warning(f"stopped by a signal; checkpoint at {where}: run the same command "
                            f"again to resume (exit status {code})")
     if du.get_world_size() > 1:  # every rank leaves with rank 0's status
-        t = torch.tensor([code], dtype=torch.int32)
-        if dist.get_backend() == "nccl":
-            t = t.cuda()
+        t = torch.tensor([code], dtype=torch.int32, device=collective_device())
         dist.broadcast(t, 0)
         code = int(t.item())
     du.destroy()

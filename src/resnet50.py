@@ -186,6 +186,10 @@ class ResNet(nn.Module):
         return nn.Sequential(*layers)
 
     def forward_backbone(self, x):
+        if self.conv1.weight.is_contiguous(memory_format=torch.channels_last):
+            # a channels_last model (engine.prepare_model): NHWC inputs too, so no conv
+            # converts its input on the fly
+            x = x.contiguous(memory_format=torch.channels_last)
         x = self.padding(x)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -3,6 +3,7 @@ the current step, writes a mid-epoch checkpoint, exits REQUEUE_EXIT_CODE without
 resumed run ends with the same weights and stats as an uninterrupted one. The real Slurm path
 (sbatch, scancel --signal, scontrol requeue) is exercised by `make test-slurm`."""
 import os
+import shutil
 import signal
 
 import pandas as pd
@@ -75,6 +76,12 @@ def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path,
     log = open(os.path.join(dump, "train.log")).read()
     assert "stop requested (received SIGUSR1)" in log and "resumes at iteration 2" in log
 
+    # a requeue whose mid-epoch checkpoint got corrupted falls back to the last good one
+    corrupt = str(tmp_path / "corrupt")
+    shutil.copytree(dump, corrupt)
+    with open(os.path.join(corrupt, "checkpoint.pth.tar"), "r+b") as f:
+        f.truncate(1000)
+
     preemption.reset()
     monkeypatch.undo()
     _main(tiny_swav_argv(image_folder, dump, EXTRA))
@@ -87,6 +94,14 @@ def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path,
     ref_stats = pd.read_pickle(os.path.join(ref, "stats0.pkl"))
     assert list(stats["epoch"]) == [0, 1]
     assert list(stats["loss"]) == list(ref_stats["loss"])  # epoch 1's average spans both parts
+
+    preemption.reset()
+    _main(tiny_swav_argv(image_folder, corrupt, EXTRA))
+    log = open(os.path.join(corrupt, "train.log")).read()
+    assert "ckp-0.pth" in log  # the warning names the checkpoint it fell back to
+    recovered = _load(corrupt)
+    for key in expected["state_dict"]:  # resuming at the end of epoch 0 is exact too
+        assert torch.equal(recovered["state_dict"][key], expected["state_dict"][key]), key
 
 
 def test_signal_on_last_step_ends_epoch_normally(image_folder, tmp_path, monkeypatch):

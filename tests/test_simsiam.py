@@ -3,6 +3,7 @@ checkpoint's backbone in load_pretrained, end-to-end runs (one process, torchrun
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -84,6 +85,16 @@ def test_collapse_metric():
         assert normalized_std(z) == pytest.approx(1 / math.sqrt(d), rel=0.03)
     assert normalized_std(torch.ones(64, 32) * 7) == 0.0
     assert normalized_std(torch.randn(1, 32).expand(64, 32)) < 1e-7
+
+
+def test_collapse_warning(caplog):
+    with caplog.at_level("INFO"):
+        main_simsiam.log_collapse(1 / math.sqrt(2048), 2048, epoch=3)
+    assert "1/sqrt(2048) = 0.0221" in caplog.text and "collapsing" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        main_simsiam.log_collapse(0.001, 2048, epoch=4)
+    assert any(r.levelname == "WARNING" and "collapsing" in r.getMessage() for r in caplog.records)
 
 
 # ----------------------------------------------------------------------------- model and step
@@ -243,10 +254,18 @@ def test_exact_resume(two_epoch_run, tmp_path):
 def test_torchrun_two_processes(image_folder, tmp_path):
     # --standalone picks a free port (with --master_port 0 torch 2.14's workers dial port 0)
     dump = str(tmp_path / "ddp")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node", "2", "main_simsiam.py", *_tiny_argv(image_folder, dump)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=240)
-    assert r.returncode == 0, r.stderr[-3000:]
+    # own session: on a timeout the workers are killed with the launcher, not left behind
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node", "2", "main_simsiam.py",
+                             *_tiny_argv(image_folder, dump)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr[-3000:]
     for f in ["checkpoint.pth.tar", "stats0.pkl", "stats1.pkl", "train.log", "train.log-1"]:
         assert os.path.isfile(os.path.join(dump, f)), f
     ckp = torch.load(os.path.join(dump, "checkpoint.pth.tar"), weights_only=True)

@@ -41,6 +41,7 @@ NITER = 48
 TIMEOUT = 600
 
 results = []
+submitted = []
 
 
 def check(name, ok, detail=""):
@@ -71,7 +72,8 @@ def submit(exp, env):
            cwd=ROOT, env={**env, "EXPERIMENT_PATH": exp})
     if r.returncode != 0:
         die(f"sbatch failed: {r.stderr.strip()}")
-    return r.stdout.strip().split(";")[0]
+    submitted.append(r.stdout.strip().split(";")[0])
+    return submitted[-1]
 
 
 def wait_done(job, deadline):
@@ -109,6 +111,8 @@ def main():
     try:
         run_checks()
     finally:
+        if submitted:  # a failed check leaves nothing running behind it
+            sh(["scancel", *submitted])
         if not was_up:
             subprocess.run([LOCAL, "down"])
     failed = results.count(False)
@@ -123,7 +127,9 @@ def run_checks():
     from conftest import make_image_folder
 
     if shutil.which("shellcheck") is None and shutil.which("apt-get"):
-        sh(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "shellcheck"])
+        sh(["apt-get", "update", "-qq"])
+        sh(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "shellcheck"],
+           env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
     scripts = sorted(os.path.join("scripts", f) for f in os.listdir(os.path.join(ROOT, "scripts"))
                      if f.endswith(".sh"))
     r = sh(["shellcheck", *scripts], cwd=ROOT) if shutil.which("shellcheck") else None
@@ -160,7 +166,7 @@ def run_checks():
     # ---- A: an ordinary 2-task run
     ckp_a = torch.load(os.path.join(exp_a, "checkpoint.pth.tar"), weights_only=True)
     check("A: final checkpoint at epoch 2, every rank's queue in it",
-          ckp_a["epoch"] == 2 and tuple(ckp_a["queue"].shape) == (2, 1, 8, 16),
+          ckp_a["epoch"] == 2 and tuple(ckp_a["queue"].shape) == (2, 2, 8, 16),
           f"epoch {ckp_a['epoch']}, queue {tuple(ckp_a['queue'].shape)}")
     files = ["checkpoints/ckp-0.pth", "checkpoints/ckp-1.pth", "stats0.pkl", "stats1.pkl",
              "train.log", "train.log-1", "params.pkl", f"{job_a}.out", f"{job_a}.err"]
@@ -213,7 +219,10 @@ def run_checks():
         sb = pd.read_pickle(os.path.join(exp_b, f"stats{rank}.pkl"))
         check(f"B: stats{rank}.pkl has the same 2 rows (no partial-epoch row)",
               sa.equals(sb) and len(sb) == 2, f"\n{sa}\n{sb}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    if os.environ.get("TEST_SLURM_KEEP"):
+        print(f"outputs kept in {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,146 @@
+"""The fast defaults compute what the plain fp32 path computes.
+
+Tolerances (relative, ‖a − b‖ / ‖b‖, or as stated):
+- multi-tensor LARC vs the reference loop: equal (same operations per parameter, CPU);
+- channels_last vs NCHW, fp32: 1e-5 on outputs, loss and updated weights, 1e-4 on gradients
+  (other convolution summation order);
+- bf16 autocast vs fp32: 3e-2 on the loss, gradient cosine > 0.99 (bf16 has 8 mantissa bits).
+"""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import main_swav
+from src.checkpoint import model_state_dict
+from src.engine import build_larc_sgd, prepare_model, setup_precision
+from src.lars import LARC
+from src.resnet50 import build_backbone
+
+
+def tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return build_backbone("resnet18", normalize=True, hidden_mlp=32, output_dim=16,
+                          nmb_prototypes=20, cifar_stem=True, width=8)
+
+
+def tiny_args(**overrides):
+    a = main_swav.get_args_parser().parse_args([])
+    a.nmb_crops, a.size_crops, a.crops_for_assign = [2, 2], [16, 8], [0, 1]
+    a.batch_size, a.nmb_prototypes, a.feat_dim = 8, 20, 16
+    a.freeze_prototypes_niters, a.queue_length = 0, 0
+    a.rank, a.world_size, a.device, a.base_lr = 0, 1, "cpu", 0.5
+    a.use_fp16, a.channels_last = False, False
+    for k, v in overrides.items():
+        setattr(a, k, v)
+    return a
+
+
+def crops(seed=1, bs=8):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(bs, 3, s, s, generator=g) for s in (16, 16, 8, 8)]
+
+
+class ListLoader(list):
+    dataset = None  # what EpochProgress asks a loader for
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+# ----------------------------------------------------------------------------- LARC
+@pytest.mark.parametrize("clip", [False, True])
+def test_foreach_larc_equals_reference_loop(clip):
+    model = tiny_model()
+    params = list(model.parameters())
+    with torch.no_grad():
+        params[3].zero_()                      # ||w|| = 0: no decay, no scaling
+    ref_model = copy.deepcopy(model)
+    opts = []
+    for m, foreach in [(ref_model, False), (model, True)]:
+        sgd = torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-4)
+        opts.append(LARC(sgd, trust_coefficient=0.001, clip=clip, foreach=foreach))
+    g = torch.Generator().manual_seed(0)
+    for step in range(3):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        grads[5].zero_()                       # ||g|| = 0: untouched
+        for m, opt in zip((ref_model, model), opts):
+            for i, p in enumerate(m.parameters()):
+                p.grad = None if i == 7 else grads[i].clone()  # None grad: skipped
+            opt.step()
+    for a, b in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(a, b)
+    for group in opts[1].param_groups:
+        assert group["weight_decay"] == 1e-4   # restored after the step
+
+
+def test_larc_is_foreach_by_default():
+    assert build_larc_sgd(tiny_model(), tiny_args()).foreach is True
+
+
+# ----------------------------------------------------------------------------- channels_last
+def test_prepare_model_channels_last_by_default_and_state_dict_stays_nchw():
+    model = prepare_model(tiny_model(), tiny_args(channels_last=True))
+    assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert all(v.is_contiguous() for v in model_state_dict(model).values())
+    plain = prepare_model(tiny_model(), tiny_args(channels_last=False))
+    assert plain.conv1.weight.is_contiguous()
+    args = main_swav.get_args_parser().parse_args([])
+    assert args.channels_last is True
+
+
+def test_channels_last_forward_backward_match_nchw():
+    x = crops()
+    outs = []
+    for cl in (False, True):
+        model = prepare_model(tiny_model(), tiny_args(channels_last=cl))
+        emb, out = model(x)
+        out.square().sum().backward()
+        outs.append((emb, out, model.conv1.weight.grad, model.layer4[0].conv1.weight.grad))
+    for k, (a, b) in enumerate(zip(outs[1], outs[0])):
+        assert rel(a, b) < (1e-5 if k < 2 else 1e-4)
+
+
+# ----------------------------------------------------------------------------- whole step
+def run_steps(args, model_seed=0, iters=2):
+    model = prepare_model(tiny_model(model_seed), args)
+    optimizer = build_larc_sgd(model, args)
+    optimizer.foreach = getattr(args, "foreach", True)
+    scaler = setup_precision(args)
+    batch = crops()
+    (_, loss), _ = main_swav.train(ListLoader([batch] * iters), model, optimizer, 0,
+                                   np.full(iters, args.base_lr), None, args, scaler=scaler)
+    return loss, torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def test_default_fp32_step_equals_plain_fp32_step():
+    """channels_last + multi-tensor LARC (the defaults) vs NCHW + the reference loop."""
+    loss_ref, w_ref = run_steps(tiny_args(channels_last=False, foreach=False))
+    loss, w = run_steps(tiny_args(channels_last=True, foreach=True))
+    assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
+    assert rel(w, w_ref) < 1e-5
+
+
+def test_bf16_step_close_to_fp32_step():
+    """--use_fp16 true on a CPU: bf16 autocast (Sinkhorn and the loss stay fp32)."""
+    grads = {}
+    losses = {}
+    for name, over in [("fp32", dict(use_fp16=False)),
+                       ("bf16", dict(use_fp16=True, amp_dtype="bfloat16", channels_last=True))]:
+        args = tiny_args(**over)
+        model = prepare_model(tiny_model(), args)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=name == "bf16"):
+            emb, out = model(crops())
+        q = [main_swav.distributed_sinkhorn(out[8 * c: 8 * (c + 1)].detach()) for c in (0, 1)]
+        assert all(qq.dtype == torch.float32 for qq in q)
+        loss = main_swav.swav_loss(out, q, [0, 1], 4, 8, 0.1)
+        assert loss.dtype == torch.float32
+        loss.backward()
+        losses[name] = loss.item()
+        grads[name] = torch.cat([p.grad.flatten().float() for p in model.parameters()
+                                 if p.grad is not None])
+    assert abs(losses["bf16"] - losses["fp32"]) <= 3e-2 * abs(losses["fp32"])
+    cos = torch.nn.functional.cosine_similarity(grads["bf16"], grads["fp32"], dim=0)
+    assert cos > 0.99
