@@ -110,9 +110,10 @@ def main(args):
     if args.cache_features:
         # frozen features are computed once: the head then trains on tensors
         train_dataset.transform = val_tf
+        pool = args.global_pooling  # keep the maps only for the resnet50 AvgPool2d(6) head
         train_loader, val_loader = tensor_loaders(
-            extract_features(model, train_dataset, args, pool=False),
-            extract_features(model, val_dataset, args, pool=False), args)
+            extract_features(model, train_dataset, args, pool=pool),
+            extract_features(model, val_dataset, args, pool=pool), args)
         forward = lambda x: linear_classifier(x.to(args.device, non_blocking=True))  # noqa: E731
     else:
         train_loader = build_loader(train_dataset, args)  # per-image seeded augmentations

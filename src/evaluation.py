@@ -273,6 +273,7 @@ class RegLog(nn.Module):
     the backbone's `num_features`). Otherwise (resnet50 only, 7x7 maps): AvgPool2d(6, stride 1)
     -> 2x2x2048 = 8192 values -> optional BatchNorm2d(2048) before pooling's flatten -> Linear.
     As in the original, `use_bn` only applies without global pooling. Weights N(0, 0.01), bias 0.
+    With global pooling it also takes already pooled features [N, D] (--cache_features).
     """
 
     WIDTHS = {"resnet50": 2048, "resnet50w2": 4096, "resnet50w4": 8192, "resnet50w5": 10240,
@@ -302,8 +303,9 @@ class RegLog(nn.Module):
         self.linear.bias.data.zero_()
 
     def forward(self, x):
-        # average pool the final feature map
-        x = self.av_pool(x)
+        # average pool the final feature map (features cached already pooled are [N, D])
+        if x.dim() == 4:
+            x = self.av_pool(x)
         # optional BN
         if self.bn is not None:
             x = self.bn(x)
