@@ -35,6 +35,7 @@ REQUEUE_EXIT_CODE = 75
 
 class _State:
     installed = False
+    previous = {}     # signal -> the handler it had before install() / exit_after_checkpoint()
     received = None   # name of the signal this process received, set by the handler
     agreed = False    # every rank agreed to stop: sticky once True
 
@@ -51,14 +52,16 @@ def install(signals=(signal.SIGUSR1,)):
     """Catch `signals` in this process (call from the main thread, before DataLoader workers are
     forked: they inherit the handler, so the signal Slurm also sends them does not kill them)."""
     for sig in signals:
-        signal.signal(sig, _handler)
+        _state.previous.setdefault(sig, signal.signal(sig, _handler))
     _state.installed = True
 
 
 def reset():
-    """Forget a received signal and uninstall (tests, or a second run in the same process)."""
-    if _state.installed:
-        signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    """Forget a received signal, give the signals their previous handlers back (tests, or a
+    second run in the same process)."""
+    for sig, handler in _state.previous.items():
+        signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    _state.previous = {}
     _state.installed, _state.received, _state.agreed = False, None, False
 
 
@@ -99,7 +102,7 @@ def exit_after_checkpoint(args):
     or exit REQUEUE_EXIT_CODE without Slurm. Raises SystemExit."""
     # scontrol requeue makes Slurm send SIGTERM to this job's processes: ignore it for the few
     # moments we need to leave cleanly (SIGKILL still comes after Slurm's KillWait)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _state.previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, signal.SIG_IGN))
     du.barrier()  # rank 0's checkpoint is on disk before anyone requeues or leaves
     job = os.environ.get("SLURM_JOB_ID")
     code = REQUEUE_EXIT_CODE
@@ -115,6 +118,7 @@ def exit_after_checkpoint(args):
         dist.broadcast(t, 0)
         code = int(t.item())
     du.destroy()
+    logger.info(f"exiting with status {code}")
     raise SystemExit(code)
 
 

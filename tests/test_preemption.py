@@ -120,6 +120,25 @@ def test_not_installed_never_stops():
     assert preemption.requested() and not preemption.should_stop()
 
 
+@pytest.mark.parametrize("scontrol_status,expected", [(0, 0), (1, preemption.REQUEUE_EXIT_CODE)])
+def test_requeue_under_slurm(tmp_path, monkeypatch, scontrol_status, expected):
+    """Rank 0 runs `scontrol requeue $SLURM_JOB_ID`: exit 0 when it worked, 75 when it did not."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/called\nexit {scontrol_status}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    args = main_swav.get_args_parser().parse_args(["--dump_path", str(tmp_path)])
+    args.rank, args.world_size = 0, 1
+    with pytest.raises(SystemExit) as stop:
+        preemption.exit_after_checkpoint(args)
+    assert stop.value.code == expected
+    assert (tmp_path / "called").read_text().split() == ["requeue", "4242"]
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN  # Slurm's SIGTERM during the exit
+    preemption.reset()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
 def _agree(rank, port, signalled, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)

@@ -198,6 +198,8 @@ def run_checks():
     log_b1 = read(os.path.join(exp_b, "train.log-1"))
     check("B: both ranks got the signal or agreed to stop",
           "stop requested" in log_b and "stop requested" in log_b1)
+    check("B: both ranks of the stopped run left cleanly (status 0) after the requeue",
+          "exiting with status 0" in log_b and "exiting with status 0" in log_b1)
     resumed = re.findall(r"Starting epoch (\d+)", log_b)
     check("B: the requeued run resumed in epoch 1 (did not restart epoch 0)",
           resumed == ["0", "1", "1"], f"epochs started: {resumed}")
