@@ -109,7 +109,7 @@ def main():
         w, h = args.image_size
         args.data_path = make_jpeg_folder(
             os.path.join(tempfile.gettempdir(), f"swav_bench_jpegs_{w}x{h}"), args.n_images,
-            width=w, height=h)
+            width=w, height=h, processes=os.cpu_count())
     folder = SafeImageFolder(args.data_path)
     n = min(args.images_per_round, len(folder.samples))
     load = lambda i: folder.load_image(i)[0]  # noqa: E731 (the dataset's decode)

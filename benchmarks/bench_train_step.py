@@ -15,8 +15,12 @@ A configuration is a '+'-joined list of:
 
     python benchmarks/bench_train_step.py                     # RN50, 2x224+6x96, batch 8, CPU
     python benchmarks/bench_train_step.py --device cuda --batch_size 64
+    python benchmarks/bench_train_step.py --device cuda --batch_size 64 --data_path DIR --workers 15
+        (real JPEGs through MultiCropDataset + the training DataLoader instead of synthetic
+        crops; "data wait" is the share of the iteration spent waiting for the next batch)
 """
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -32,7 +36,8 @@ from common import load_average, machine_description, median, print_json, print_
 
 import main_swav  # noqa: E402
 from src.amp import resolve_amp  # noqa: E402
-from src.engine import build_larc_sgd, setup_precision  # noqa: E402
+from src.engine import build_larc_sgd, build_loader, setup_precision  # noqa: E402
+from src.multicropdataset import MultiCropDataset  # noqa: E402
 from src.resnet50 import ARCHS, build_backbone  # noqa: E402
 
 # dense fp16/bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets (SXM parts)
@@ -48,6 +53,11 @@ def get_args(argv=None):
     p.add_argument("--nmb_crops", type=int, nargs="+", default=[2, 6])
     p.add_argument("--size_crops", type=int, nargs="+", default=[224, 96])
     p.add_argument("--batch_size", type=int, default=8, help="images per iteration (per GPU)")
+    p.add_argument("--min_scale_crops", type=float, nargs="+", default=[0.14, 0.05])
+    p.add_argument("--max_scale_crops", type=float, nargs="+", default=[1.0, 0.14])
+    p.add_argument("--data_path", default="", help="an ImageFolder: real data through the loader")
+    p.add_argument("--workers", type=int, default=10, help="loader processes (with --data_path)")
+    p.add_argument("--augment", default="fast", choices=["fast", "pil"])
     p.add_argument("--nmb_prototypes", type=int, default=3000)
     p.add_argument("--feat_dim", type=int, default=128)
     p.add_argument("--hidden_mlp", type=int, default=2048)
@@ -97,21 +107,29 @@ def swav_args(args, cfg, device, lr=1e-3):
 
 
 class TimedLoader:
-    """`n` times the same synthetic batch; records the time each batch is handed out. train()
-    calls loss.item() at the end of every iteration, so a hand-out is after the device work of
-    the previous iteration."""
+    """`n` batches from `source` (an endless iterator); records the time each batch is handed
+    out and the time spent waiting for it. train() calls loss.item() at the end of every
+    iteration, so a hand-out is after the device work of the previous iteration."""
     dataset = None
 
-    def __init__(self, batch, n):
-        self.batch, self.n, self.stamps = batch, n, []
+    def __init__(self, source, n):
+        self.source, self.n, self.stamps, self.waits = source, n, [], []
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
         for _ in range(self.n):
+            t0 = time.perf_counter()
+            batch = next(self.source)
             self.stamps.append(time.perf_counter())
-            yield self.batch
+            self.waits.append(self.stamps[-1] - t0)
+            yield batch
+
+
+def endless(loader):
+    while True:
+        yield from loader
 
 
 def count_flops(args, ncrops_shapes):
@@ -159,23 +177,31 @@ def run_child(args):
     scaler = setup_precision(sargs)
     net = torch.compile(model) if cfg["compile"] else model
     sizes = [s for n, s in zip(args.nmb_crops, args.size_crops) for _ in range(n)]
-    pin = device.startswith("cuda")
-    crops = [torch.randn(args.batch_size, 3, s, s) for s in sizes]  # CPU, like a loader's
-    crops = [c.pin_memory() if pin else c for c in crops]
+    if args.data_path:  # the real input pipeline: JPEGs -> MultiCropDataset -> DataLoader
+        sargs.workers = args.workers
+        dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
+                                   args.min_scale_crops, args.max_scale_crops,
+                                   augment=args.augment)
+        source = endless(build_loader(dataset, sargs))
+    else:  # the same synthetic crops every iteration, on the CPU (pinned) like a loader's
+        crops = [torch.randn(args.batch_size, 3, s, s) for s in sizes]
+        crops = [c.pin_memory() if device.startswith("cuda") else c for c in crops]
+        source = itertools.repeat(crops)
     total = args.warmup + args.iters
     schedule = np.full(total, sargs.base_lr)
     t0 = time.perf_counter()
-    main_swav.train(TimedLoader(crops, args.warmup), net, optimizer, 0, schedule, None, sargs,
+    main_swav.train(TimedLoader(source, args.warmup), net, optimizer, 0, schedule, None, sargs,
                     scaler=scaler)
     warmup_s = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    loader = TimedLoader(crops, args.iters)
+    loader = TimedLoader(source, args.iters)
     scale0 = scaler.get_scale() if scaler.is_enabled() else None
     (_, loss), _ = main_swav.train(loader, net, optimizer, 0, schedule, None, sargs, scaler=scaler)
     stamps = loader.stamps + [time.perf_counter()]
     result = {"config": args._child, "times": list(np.diff(stamps)), "warmup_s": warmup_s,
+              "waits": loader.waits[1:],  # the wait for batch k+1 is inside times[k]
               "loss": loss, "peak_bytes": peak_memory_bytes(device),
               "scale_changed": scale0 is not None and scaler.get_scale() != scale0}
     with open(args._out, "w") as f:
@@ -200,6 +226,7 @@ def main():
                                      if cuda and k in torch.cuda.get_device_name()), 0)
 
     times = {c: [] for c in configs}
+    waits = {c: [] for c in configs}
     extra = {c: {} for c in configs}
     passthrough = [a for a in sys.argv[1:]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -217,6 +244,7 @@ def main():
                 with open(out) as f:
                     res = json.load(f)
                 times[c].extend(res["times"])
+                waits[c].extend(res["waits"])
                 extra[c]["peak_bytes"] = max(extra[c].get("peak_bytes") or 0, res["peak_bytes"] or 0)
                 extra[c]["warmup_s"] = res["warmup_s"]
                 extra[c]["loss"] = res["loss"]
@@ -230,12 +258,14 @@ def main():
         row = {"config": c, "s_iter": t, "ips": args.batch_size / t,
                "cps": args.batch_size * len(sizes) / t, "tflops": flops / t / 1e12,
                "mem": (extra[c].get("peak_bytes") or 0) / 2 ** 30, "ratio": base / t,
-               "n": len(times[c])}
+               "n": len(times[c]), "wait": 100 * sum(waits[c]) / max(sum(times[c]), 1e-9)}
         row["mfu"] = 100 * row["tflops"] / peak if peak else None
         rows.append(row)
     crops = "+".join(f"{n}x{s}" for n, s in zip(args.nmb_crops, args.size_crops))
     print(f"\nmachine: {machine_description(args.device)}")
-    print(f"{args.arch}, crops {crops}, batch {args.batch_size}, {args.nmb_prototypes} "
+    data = (f"JPEGs from {args.data_path} through the loader ({args.workers} workers, "
+            f"augment {args.augment})" if args.data_path else "synthetic crops")
+    print(f"{args.arch}, crops {crops}, batch {args.batch_size}, {data}, {args.nmb_prototypes} "
           f"prototypes; {flops / 1e9:.1f} GFLOP per iteration (forward+backward, counted); "
           f"median of {args.rounds} rounds x {args.iters} iterations; load average now "
           f"{load_average():.2f}" + (f"; MFU vs {peak:.0f} TFLOP/s dense fp16/bf16" if peak else ""))
@@ -245,11 +275,14 @@ def main():
             ("tflops", "TFLOP/s", "{:.3f}"), ("mfu", "MFU %", "{:.1f}"),
             ("mem", "peak GiB" + ("" if cuda else " (RSS)"), "{:.2f}"),
             ("ratio", "x fp32", "{:.2f}")]
+    if args.data_path:
+        cols.append(("wait", "data wait %", "{:.0f}"))
     print_table(rows, cols if peak else [c for c in cols if c[0] != "mfu"])
     print()
     print_json("bench_train_step", {
         "machine": machine_description(args.device), "arch": args.arch, "crops": crops,
         "batch_size": args.batch_size, "flops_per_iter": flops, "peak_tflops": peak,
+        "data": data,
         "results": rows, "errors": {c: e["error"] for c, e in extra.items() if "error" in e}})
 
 

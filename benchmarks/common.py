@@ -90,18 +90,31 @@ def textured_image(rng, width=500, height=375):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def make_jpeg_folder(root, n_images=256, classes=4, width=500, height=375, seed=0, quality=90):
-    """root/class_k/img_i.jpg: `n_images` textured JPEGs (reused when already there)."""
+def _write_jpeg(job):
+    path, seed, i, width, height, quality = job
     from PIL import Image
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng((seed, i))  # per image: the same files with any process count
+    Image.fromarray(textured_image(rng, width, height)).save(path, quality=quality)
+
+
+def make_jpeg_folder(root, n_images=256, classes=4, width=500, height=375, seed=0, quality=90,
+                     processes=1):
+    """root/class_k/img_i.jpg: `n_images` textured JPEGs (reused when already there)."""
     marker = os.path.join(root, f".made_{n_images}_{classes}_{width}x{height}_{seed}_{quality}")
     if os.path.exists(marker):
         return root
+    jobs = []
     for i in range(n_images):
         d = os.path.join(root, f"class_{i % classes}")
         os.makedirs(d, exist_ok=True)
-        Image.fromarray(textured_image(rng, width, height)).save(
-            os.path.join(d, f"img_{i:05d}.jpg"), quality=quality)
+        jobs.append((os.path.join(d, f"img_{i:05d}.jpg"), seed, i, width, height, quality))
+    if processes > 1:
+        import multiprocessing
+        with multiprocessing.Pool(processes) as pool:
+            pool.map(_write_jpeg, jobs, chunksize=8)
+    else:
+        for job in jobs:
+            _write_jpeg(job)
     open(marker, "w").close()
     return root
 

@@ -36,3 +36,7 @@ def tiny_swav_argv(data, dump, extra=()):
             "1", "0.3", "--nmb_prototypes", "20", "--feat_dim", "16", "--hidden_mlp", "64",
             "--workers", "0", "--use_fp16", "false", "--checkpoint_freq", "1", "--dump_path", dump,
             "--arch", "resnet18", "--width", "8", "--cifar_stem", "true", *extra]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (tests/test_gpu.py)")
