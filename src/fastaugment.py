@@ -8,7 +8,7 @@ order and factors, grayscale and blur as the original. The pixels are the same t
 crop+resize and blur are PIL's own calls, and the kernels below redo PIL's arithmetic for the
 rest (tests/test_fastaugment.py checks the output tensors are equal bit for bit). Where the time
 goes instead:
-- colour jitter and grayscale run in place on the uint8 crop (numba); PIL makes a new image per
+- colour jitter and grayscale run in place on the crop's pixels (numba); PIL makes a new image per
   operation and its RGB <-> HSV conversions for the hue shift are slow;
 - ToTensor + Normalize become one pass through a per-channel 256-entry table that holds exactly
   the float32 values those two transforms compute.
@@ -19,7 +19,6 @@ import math
 import numpy as np
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
 
 try:
@@ -41,8 +40,22 @@ def _njit(fn):
 
 
 # ----------------------------------------------------------------------------- PIL's arithmetic
-# Each kernel works in place on the three colour planes of a crop (1-D uint8 arrays R, G, B):
-# branch-free loops over contiguous arrays, which LLVM vectorises.
+# A crop is held as PIL holds an RGB image: one 32-bit word per pixel, bytes R, G, B, X (PIL's
+# "RGBX" raw layout), so going to and from PIL images is a plain copy. Each kernel is a
+# branch-free loop over those words, in place, which LLVM vectorises.
+_X = np.uint32(0xFF000000)
+
+
+@_njit
+def _unpack(w):
+    return np.int32(w & 0xFF), np.int32((w >> 8) & 0xFF), np.int32((w >> 16) & 0xFF)
+
+
+@_njit
+def _pack(r, g, b):
+    return np.uint32(r) | (np.uint32(g) << 8) | (np.uint32(b) << 16) | _X
+
+
 @_njit
 def _blend(d, v, alpha):
     """Image.blend(degenerate d, image v, alpha) for one 8-bit value: float32, truncated, clipped."""
@@ -58,55 +71,52 @@ def _luma(r, g, b):
 
 @_njit
 def _blend_table(d, alpha):
-    lut = np.empty(256, np.uint8)
+    lut = np.empty(256, np.int32)
     for v in range(256):
         lut[v] = _blend(np.int32(d), np.int32(v), alpha)
     return lut
 
 
 @_njit
-def _apply_table(R, G, B, lut):
-    for k in range(R.shape[0]):
-        R[k] = lut[R[k]]
-        G[k] = lut[G[k]]
-        B[k] = lut[B[k]]
+def _apply_table(px, lut):
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        px[k] = _pack(lut[r], lut[g], lut[b])
 
 
 @_njit
-def brightness_(R, G, B, alpha):
+def brightness_(px, alpha):
     """ImageEnhance.Brightness(img).enhance(alpha): blend with black."""
-    _apply_table(R, G, B, _blend_table(0, alpha))
+    _apply_table(px, _blend_table(0, alpha))
 
 
 @_njit
-def contrast_(R, G, B, alpha):
+def contrast_(px, alpha):
     """ImageEnhance.Contrast: blend with the mean grey level (of L, rounded) of the image."""
     total = np.int64(0)
-    for k in range(R.shape[0]):
-        total += _luma(np.int32(R[k]), np.int32(G[k]), np.int32(B[k]))
-    mean = int(total / R.shape[0] + 0.5)
-    _apply_table(R, G, B, _blend_table(mean, alpha))
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        total += _luma(r, g, b)
+    mean = int(total / px.shape[0] + 0.5)
+    _apply_table(px, _blend_table(mean, alpha))
 
 
 @_njit
-def saturation_(R, G, B, alpha):
+def saturation_(px, alpha):
     """ImageEnhance.Color: blend each pixel with its own grey level."""
-    for k in range(R.shape[0]):
-        r, g, b = np.int32(R[k]), np.int32(G[k]), np.int32(B[k])
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
         lum = _luma(r, g, b)
-        R[k] = _blend(lum, r, alpha)
-        G[k] = _blend(lum, g, alpha)
-        B[k] = _blend(lum, b, alpha)
+        px[k] = _pack(_blend(lum, r, alpha), _blend(lum, g, alpha), _blend(lum, b, alpha))
 
 
 @_njit
-def grayscale_(R, G, B):
+def grayscale_(px):
     """RandomGrayscale on a PIL image: L replicated to 3 channels."""
-    for k in range(R.shape[0]):
-        lum = _luma(np.int32(R[k]), np.int32(G[k]), np.int32(B[k]))
-        R[k] = lum
-        G[k] = lum
-        B[k] = lum
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        lum = _luma(r, g, b)
+        px[k] = _pack(lum, lum, lum)
 
 
 @_njit
@@ -115,37 +125,57 @@ def _round_half_away(x):  # C round() for x >= 0
     return np.int32(f) + np.int32(x - f >= 0.5)
 
 
+def _hue_tables():
+    """PIL's RGB -> HSV hue and saturation bytes, tabulated (numpy float32/float64 arithmetic is
+    C's, step for step). With d_c = max(r, g, b) - c, PIL's hue depends on which channel is the
+    maximum (r first, then g) and on the two other d's; the saturation on (max, max - min)."""
+    a = np.arange(256, dtype=np.float32)
+    A, B = np.meshgrid(a, a, indexing="ij")  # the two d's, in the order named below
+    cr = np.maximum(np.maximum(A, B), 1)
+    f64 = np.float64
+    with np.errstate(invalid="ignore", divide="ignore"):
+        h_r = (B / cr - A / cr).astype(f64)                                  # (d_g, d_b)
+        h_g = (2.0 + (A / cr).astype(f64) - (B / cr).astype(f64)).astype(np.float32).astype(f64)
+        h_b = (4.0 + (B / cr).astype(f64) - (A / cr).astype(f64)).astype(np.float32).astype(f64)
+        hue = np.stack([h_r, h_g, h_b]) / 6.0 + 1.0                           # (d_r, d_b), (d_r, d_g)
+        hue = (hue - np.floor(hue)).astype(np.float32)  # fmod(x, 1) for x in (0.8, 2)
+        uh = np.clip((hue.astype(f64) * 255.0).astype(np.int32), 0, 255).reshape(-1)
+        s = (np.minimum(B, A) / np.maximum(A, 1))  # [max, max - min]: cr / max in float32
+        us = np.clip((s.astype(np.float32).astype(f64) * 255.0).astype(np.int32), 0, 255)
+    return uh.astype(np.int32), us.reshape(-1).astype(np.int32)
+
+
+_HUE, _SATURATION = _hue_tables()
+# HSV -> RGB steps that depend on one byte, tabulated likewise: hue byte -> sector i (mod 6) and
+# fraction f; saturation byte -> s / 255
+_HF = np.arange(256).astype(np.float32).astype(np.float64) * 6.0 / 255.0
+_SECTOR = np.floor(_HF).astype(np.int32)
+_FRACTION = (_HF - _SECTOR.astype(np.float32).astype(np.float64)).astype(np.float32)
+_SECTOR = _SECTOR % 6
+_SAT = (np.arange(256).astype(np.float32).astype(np.float64) / 255.0).astype(np.float32)
+
+
 @_njit
-def hue_(R, G, B, shift):
+def hue_(px, shift):
     """torchvision's adjust_hue on a PIL image: PIL's 8-bit HSV (its float32 and float64 steps
     in its order), hue byte + shift modulo 256, back to RGB with PIL's rounding."""
-    for k in range(R.shape[0]):
-        r, g, b = np.int32(R[k]), np.int32(G[k]), np.int32(B[k])
-        # RGB -> HSV
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        # RGB -> HSV (bytes, from the tables)
         maxc = max(r, max(g, b))
-        minc = min(r, min(g, b))
-        crv = maxc - minc
-        cr = np.float32(crv if crv > 0 else 1)
-        s = cr / np.float32(maxc if maxc > 0 else 1)
-        rc = np.float32(maxc - r) / cr
-        gc = np.float32(maxc - g) / cr
-        bc = np.float32(maxc - b) / cr
-        h_r = bc - gc
-        h_g = np.float32(2.0 + np.float64(rc) - np.float64(bc))
-        h_b = np.float32(4.0 + np.float64(gc) - np.float64(rc))
-        hh = h_r if r == maxc else (h_g if g == maxc else h_b)
-        x = np.float64(hh) / 6.0 + 1.0
-        hh = np.float32(x - math.floor(x))  # = fmod(x, 1): x is in (0.8, 2)
-        uh = min(max(np.int32(np.float64(hh) * 255.0), 0), 255)
-        us = min(max(np.int32(np.float64(s) * 255.0), 0), 255)
+        crv = maxc - min(r, min(g, b))
+        dr, dg, db = maxc - r, maxc - g, maxc - b
+        branch = 0 if r == maxc else (1 if g == maxc else 2)
+        first = dg if branch == 0 else dr
+        second = dg if branch == 2 else db
+        uh = _HUE[(branch << 16) + (first << 8) + second]
+        us = _SATURATION[(maxc << 8) + crv]
         # shift the hue byte (wraps around)
         uh = (uh + shift) & 255
         # HSV -> RGB
-        hf = np.float64(np.float32(uh)) * 6.0 / 255.0
-        i = np.int32(math.floor(hf))
-        f = np.float32(hf - np.float64(np.float32(i)))
-        i = i - 6 if i >= 6 else i
-        fs = np.float32(np.float64(np.float32(us)) / 255.0)
+        i = _SECTOR[uh]
+        f = _FRACTION[uh]
+        fs = _SAT[us]
         vf = np.float64(np.float32(maxc))
         p = _round_half_away(vf * (1.0 - np.float64(fs)))
         q = _round_half_away(vf * (1.0 - np.float64(fs * f)))
@@ -156,27 +186,54 @@ def hue_(R, G, B, shift):
         bo = p if (i == 0 or i == 1) else (t if i == 2 else (v if (i == 3 or i == 4) else q))
         unchanged = crv == 0  # grey pixel: no hue
         grey = us == 0
-        R[k] = r if unchanged else (v if grey else ro)
-        G[k] = g if unchanged else (v if grey else go)
-        B[k] = b if unchanged else (v if grey else bo)
+        px[k] = _pack(r if unchanged else (v if grey else ro),
+                      g if unchanged else (v if grey else go),
+                      b if unchanged else (v if grey else bo))
 
 
 @_njit
-def interleave(R, G, B, out):
-    """Planes -> H x W x 3 pixels (out: N x 3 uint8), for PIL's blur."""
-    for k in range(R.shape[0]):
-        out[k, 0] = R[k]
-        out[k, 1] = G[k]
-        out[k, 2] = B[k]
+def colour_(px, order, factors, hue_shift, gray):
+    """ColorJitter's operations in the drawn order (order empty: not applied), then grayscale:
+    one call per crop."""
+    for fn_id in order:
+        if fn_id == 0:
+            brightness_(px, factors[0])
+        elif fn_id == 1:
+            contrast_(px, factors[1])
+        elif fn_id == 2:
+            saturation_(px, factors[2])
+        else:
+            hue_(px, hue_shift)
+    if gray:
+        grayscale_(px)
 
 
 @_njit
-def normalize_(R, G, B, lut, out):
-    """out[c, k] = lut[c, plane_c[k]]: ToTensor + Normalize in one pass."""
-    for k in range(R.shape[0]):
-        out[0, k] = lut[0, R[k]]
-        out[1, k] = lut[1, G[k]]
-        out[2, k] = lut[2, B[k]]
+def normalize_(px, lut, out):
+    """out[c, k] = lut[c, channel c of pixel k]: ToTensor + Normalize in one pass."""
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        out[0, k] = lut[0, r]
+        out[1, k] = lut[1, g]
+        out[2, k] = lut[2, b]
+
+
+def to_words(img, flip=False, writable=True):
+    """A PIL RGB image as an H x W uint32 array of RGBX words, optionally mirrored left-right
+    (the same pixels as a PIL transpose, in the copy that makes the array writable)."""
+    if img.mode not in ("RGB", "RGBX"):
+        img = img.convert("RGB")
+    w, h = img.size
+    words = np.frombuffer(img.tobytes("raw", "RGBX"), np.uint32).reshape(h, w)
+    if flip:
+        return words[:, ::-1].copy()
+    return words.copy() if writable else words
+
+
+def to_image(words):
+    """An "RGBX" PIL image sharing the words' memory (PIL's filters treat it as RGB + padding)."""
+    h, w = words.shape
+    return Image.frombuffer("RGBX", (w, h), words, "raw", "RGBX", 0, 1)
 
 
 def normalize_table(mean, std):
@@ -209,6 +266,7 @@ class FastCropTransform:
         from .multicropdataset import PILRandomGaussianBlur  # here: that module imports this one
         self._pil_blur = type(blur) is PILRandomGaussianBlur
         self.lut = normalize_table(mean, std)
+        self._no_jitter, self._no_factors = np.zeros(0, np.int64), np.ones(3, np.float32)
 
     def draw_jitter(self):
         """(apply?, order, brightness, contrast, saturation, hue) exactly as RandomApply and
@@ -219,68 +277,50 @@ class FastCropTransform:
                                             self.jitter.saturation, self.jitter.hue)
 
     def __call__(self, img):
-        planes = self.crop(img)
-        self.colour(planes)
-        planes = self.blur_planes(planes)
-        return self.to_tensor(planes)
+        words = self.crop(img)
+        self.colour(words)
+        words = self.blur_words(words)
+        return self.to_tensor(words)
 
     def crop(self, img):
-        """RandomResizedCrop + flip (PIL's resampling): the crop as 3 x H x W uint8 planes."""
+        """RandomResizedCrop + flip (PIL's resampling): the crop as H x W RGBX words."""
         i, j, h, w = self.rrc.get_params(img, self.rrc.scale, self.rrc.ratio)
         crop = img.crop((j, i, j + w, i + h)).resize(self.rrc.size[::-1], Image.BILINEAR)
-        if torch.rand(1) < self.p_flip:
-            crop = TF.hflip(crop)
-        return np.ascontiguousarray(np.asarray(crop).transpose(2, 0, 1))
+        return to_words(crop, flip=bool(torch.rand(1) < self.p_flip))
 
-    def colour(self, planes):
+    def colour(self, words):
         """Colour jitter (p 0.8, random order) then grayscale (p 0.2), in place."""
-        R, G, B = planes.reshape(3, -1)
         apply, params = self.draw_jitter()
         if apply:
             order, bri, con, sat, hue = params
-            for fn_id in order.tolist():
-                if fn_id == 0:
-                    brightness_(R, G, B, np.float32(bri))
-                elif fn_id == 1:
-                    contrast_(R, G, B, np.float32(con))
-                elif fn_id == 2:
-                    saturation_(R, G, B, np.float32(sat))
-                else:  # the hue byte shift of torchvision's adjust_hue
-                    hue_(R, G, B, int(np.int32(hue * 255).astype(np.uint8)))
-        if torch.rand(1) < self.p_gray:
-            grayscale_(R, G, B)
+            order = order.numpy()
+            factors = np.array([bri, con, sat], np.float32)
+            shift = int(np.int32(hue * 255).astype(np.uint8))  # adjust_hue's hue byte shift
+        else:
+            order, factors, shift = self._no_jitter, self._no_factors, 0
+        gray = bool(torch.rand(1) < self.p_gray)
+        colour_(words.reshape(-1), order, factors, shift, gray)
 
-    def blur_planes(self, planes):
+    def blur_words(self, words):
         """The blur on a PIL image of the crop. For the default blur (PILRandomGaussianBlur) the
-        coin and radius are drawn here as its __call__ draws them, so that the half of the crops
-        left unblurred skip the conversion to PIL; any other blur callable gets a PIL image and
-        draws its own."""
+        coin and radius are drawn here as its __call__ draws them (so the crops left unblurred
+        skip the PIL image); any other blur callable gets a PIL image and draws its own."""
         if self._pil_blur:
             b = self.blur
             if torch.rand(()).item() >= b.prob:
-                return planes
+                return words
             radius = b.radius_min + (b.radius_max - b.radius_min) * torch.rand(()).item()
-            blurred = self._to_pil(planes).filter(ImageFilter.GaussianBlur(radius=radius))
-        else:
-            pil = self._to_pil(planes)
-            blurred = self.blur(pil)
-            if blurred is pil:
-                return planes
-        return np.ascontiguousarray(np.asarray(blurred).transpose(2, 0, 1))
+            blurred = to_image(words).filter(ImageFilter.GaussianBlur(radius=radius))
+            return to_words(blurred, writable=False)
+        pil = to_image(words).convert("RGB")
+        blurred = self.blur(pil)
+        return words if blurred is pil else to_words(blurred, writable=False)
 
-    @staticmethod
-    def _to_pil(planes):
-        _, height, width = planes.shape
-        hwc = np.empty((height, width, 3), np.uint8)
-        interleave(*planes.reshape(3, -1), hwc.reshape(-1, 3))
-        return Image.fromarray(hwc)
-
-    def to_tensor(self, planes):
+    def to_tensor(self, words):
         """ToTensor + Normalize: float32 3 x H x W."""
-        _, height, width = planes.shape
-        R, G, B = planes.reshape(3, -1)
+        height, width = words.shape
         out = np.empty((3, height * width), np.float32)
-        normalize_(R, G, B, self.lut, out)
+        normalize_(words.reshape(-1), self.lut, out)
         return torch.from_numpy(out).view(3, height, width)
 
     def __repr__(self):
@@ -293,11 +333,11 @@ def warm_up():
     DataLoader workers forked from it do not each compile them."""
     if numba is None:
         return
-    R, G, B = np.array([[10, 200, 30], [5, 5, 5], [250, 3, 90]], np.uint8)
-    brightness_(R, G, B, np.float32(1.1))
-    contrast_(R, G, B, np.float32(0.9))
-    saturation_(R, G, B, np.float32(1.2))
-    hue_(R, G, B, 7)
-    grayscale_(R, G, B)
-    normalize_(R, G, B, np.zeros((3, 256), np.float32), np.empty((3, 3), np.float32))
-    interleave(R, G, B, np.empty((3, 3), np.uint8))
+    px = to_words(Image.new("RGB", (3, 1), (10, 200, 30))).reshape(-1)
+    brightness_(px, np.float32(1.1))
+    contrast_(px, np.float32(0.9))
+    saturation_(px, np.float32(1.2))
+    hue_(px, 7)
+    grayscale_(px)
+    colour_(px, np.arange(4), np.ones(3, np.float32), 3, True)
+    normalize_(px, np.zeros((3, 256), np.float32), np.empty((3, 3), np.float32))

@@ -3,9 +3,15 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The tests' models are tiny: one thread per process avoids OpenMP threads spinning against each
+# other (and against the 2-rank subprocess runs) on a small machine. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 

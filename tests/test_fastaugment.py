@@ -23,12 +23,13 @@ def textured(seed, w=60, h=45):
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
-def planes_of(img):
-    return np.ascontiguousarray(np.asarray(img).transpose(2, 0, 1))
+def pixels(img):
+    """The kernels' layout: one RGBX word per pixel, flat."""
+    return fa.to_words(img).reshape(-1)
 
 
-def as_image(planes):
-    return Image.fromarray(np.ascontiguousarray(planes.transpose(1, 2, 0)))
+def rgb(px, img):
+    return np.asarray(fa.to_image(px.reshape(img.size[1], img.size[0])).convert("RGB"))
 
 
 @pytest.mark.parametrize("factor", [0.2, 0.55, 1.0, 1.37, 1.8])
@@ -37,29 +38,30 @@ def test_blend_kernels_equal_pil(factor):
     for kernel, reference in [(fa.brightness_, TF.adjust_brightness),
                               (fa.contrast_, TF.adjust_contrast),
                               (fa.saturation_, TF.adjust_saturation)]:
-        p = planes_of(img)
-        kernel(*p.reshape(3, -1), np.float32(factor))
-        np.testing.assert_array_equal(p, planes_of(reference(img, factor)), err_msg=kernel.__name__)
+        px = pixels(img)
+        kernel(px, np.float32(factor))
+        np.testing.assert_array_equal(rgb(px, img), np.asarray(reference(img, factor)),
+                                      err_msg=kernel.__name__)
 
 
 def test_hue_and_grayscale_kernels_equal_pil():
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 256, size=(64, 64, 3), dtype=np.uint8))  # all hues
     for hue in [-0.5, -0.2, -0.137, 0.0, 0.004, 0.11, 0.2, 0.5]:
-        p = planes_of(img)
-        fa.hue_(*p.reshape(3, -1), int(np.int32(hue * 255).astype(np.uint8)))
-        np.testing.assert_array_equal(p, planes_of(TF.adjust_hue(img, hue)), err_msg=str(hue))
-    p = planes_of(img)
-    fa.grayscale_(*p.reshape(3, -1))
-    np.testing.assert_array_equal(p, planes_of(TF.rgb_to_grayscale(img, 3)))
+        px = pixels(img)
+        fa.hue_(px, int(np.int32(hue * 255).astype(np.uint8)))
+        np.testing.assert_array_equal(rgb(px, img), np.asarray(TF.adjust_hue(img, hue)),
+                                      err_msg=str(hue))
+    px = pixels(img)
+    fa.grayscale_(px)
+    np.testing.assert_array_equal(rgb(px, img), np.asarray(TF.rgb_to_grayscale(img, 3)))
 
 
 def test_normalize_table_equals_to_tensor_normalize():
     img = Image.fromarray((np.arange(256 * 3) % 256).astype(np.uint8).reshape(16, 16, 3))
     mean, std = [0.485, 0.456, 0.406], [0.228, 0.224, 0.225]
-    p = planes_of(img)
     out = np.empty((3, 256), np.float32)
-    fa.normalize_(*p.reshape(3, -1), fa.normalize_table(mean, std), out)
+    fa.normalize_(pixels(img), fa.normalize_table(mean, std), out)
     expected = TF.normalize(TF.to_tensor(img), mean, std)
     assert torch.equal(torch.from_numpy(out).view(3, 16, 16), expected)
 
@@ -90,7 +92,7 @@ class _Spy:
         import torchvision.transforms as T
         self.reset()
         rrc_params, cj_params = T.RandomResizedCrop.get_params, T.ColorJitter.get_params
-        hflip, gray, grayscale_ = TF.hflip, TF.rgb_to_grayscale, fa.grayscale_
+        hflip, gray, colour_, to_words = TF.hflip, TF.rgb_to_grayscale, fa.colour_, fa.to_words
         spy = self
 
         def rrc(img, scale, ratio):
@@ -104,17 +106,21 @@ class _Spy:
             spy.jitters.append((out[0].tolist(),) + tuple(out[1:]))
             return out
 
-        def flip(img):
+        def flip(img):  # the original's flip
             spy.flips += 1
             return hflip(img)
+
+        def words_fast(img, flip=False, writable=True):  # ours flips while copying the pixels
+            spy.flips += bool(flip)
+            return to_words(img, flip, writable)
 
         def to_gray(img, num_output_channels=1):  # the original's grayscale
             spy.grays += 1
             return gray(img, num_output_channels)
 
-        def to_gray_fast(*planes):  # ours
-            spy.grays += 1
-            return grayscale_(*planes)
+        def colour_fast(px, order, factors, shift, to_gray):  # ours: jitter + grayscale
+            spy.grays += bool(to_gray)
+            return colour_(px, order, factors, shift, to_gray)
 
         class Blur(ImageFilter.GaussianBlur):
             def __init__(self, radius=2):
@@ -125,7 +131,8 @@ class _Spy:
         monkeypatch.setattr(T.ColorJitter, "get_params", staticmethod(cj))
         monkeypatch.setattr(TF, "hflip", flip)
         monkeypatch.setattr(TF, "rgb_to_grayscale", to_gray)
-        monkeypatch.setattr(fa, "grayscale_", to_gray_fast)
+        monkeypatch.setattr(fa, "colour_", colour_fast)
+        monkeypatch.setattr(fa, "to_words", words_fast)
         monkeypatch.setattr(ImageFilter, "GaussianBlur", Blur)
 
     def reset(self):
@@ -187,3 +194,14 @@ def test_dataset_default_is_fast_and_pil_stays_available(image_folder, monkeypat
     # without numba: the PIL pipeline, with a warning
     monkeypatch.setattr(fa, "numba", None)
     assert not isinstance(MultiCropDataset(*args).trans[0], fa.FastCropTransform)
+
+
+def test_hue_kernel_equals_pil_on_every_colour():
+    """All 2^24 RGB colours (a 4096 x 4096 image), one negative and one positive shift."""
+    v = np.arange(2 ** 24, dtype=np.uint32)
+    img = Image.fromarray(np.stack([v >> 16, (v >> 8) & 255, v & 255], -1)
+                          .astype(np.uint8).reshape(4096, 4096, 3))
+    for hue in (-0.13, 0.2):
+        px = pixels(img)
+        fa.hue_(px, int(np.int32(hue * 255).astype(np.uint8)))
+        assert np.array_equal(rgb(px, img), np.asarray(TF.adjust_hue(img, hue)))
