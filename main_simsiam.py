@@ -38,6 +38,9 @@ def get_args_parser():
                         help="Gaussian blur: PIL radius (the original) or a 23x23 kernel")
     parser.add_argument("--strict_data", type=bool_flag, default=False,
                         help="stop on an unreadable image instead of skipping it with a warning")
+    parser.add_argument("--augment", type=str, default="fast", choices=["fast", "pil"],
+                        help="augmentation code: fast (src/fastaugment.py, the same distribution "
+                             "of views, faster) or pil (the original torchvision pipeline)")
 
     #########################
     ## simsiam specific params
@@ -149,7 +152,7 @@ def main(args):
     # build data
     train_dataset = TwoViewDataset(args.data_path, args.size_crop, args.min_scale_crop,
                                    args.max_scale_crop, blur=args.blur,
-                                   strict_data=args.strict_data)
+                                   strict_data=args.strict_data, augment=args.augment)
     train_loader = build_loader(train_dataset, args)
     logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
 

@@ -10,8 +10,9 @@ rest (tests/test_fastaugment.py checks the output tensors are equal bit for bit)
 goes instead:
 - colour jitter and grayscale run in place on the crop's pixels (numba); PIL makes a new image per
   operation and its RGB <-> HSV conversions for the hue shift are slow;
-- ToTensor + Normalize become one pass through a per-channel 256-entry table that holds exactly
-  the float32 values those two transforms compute.
+- the flip happens in the copy that takes the crop out of PIL, and ToTensor + Normalize become
+  one pass through a per-channel 256-entry table that holds exactly the float32 values those
+  two transforms compute.
 Without numba, `available()` is False and the dataset keeps the PIL pipeline.
 """
 import math
@@ -36,7 +37,10 @@ def _njit(fn):
     # error_model numpy: no Python division checks, so the loops vectorise (no division by 0 here)
     if numba is None:
         return fn
-    return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    try:  # compiled once per machine, kept in __pycache__ (or numba's user cache directory)
+        return numba.njit(cache=True, nogil=True, error_model="numpy")(fn)
+    except RuntimeError:  # no writable cache location: compile in each process
+        return numba.njit(cache=False, nogil=True, error_model="numpy")(fn)
 
 
 # ----------------------------------------------------------------------------- PIL's arithmetic

@@ -5,6 +5,7 @@ ResNet under `backbone.` and the heads under `projector.`/`predictor.`, so `load
 takes a SimSiam checkpoint's backbone like a SwAV one (it strips `module.`/`backbone.` and
 ignores head keys).
 """
+import logging
 import math
 
 import torch
@@ -12,11 +13,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as transforms
 
+from . import fastaugment
 from .multicropdataset import (MEAN, STD, KernelGaussianBlur, MultiCropDataset,
                                PILRandomGaussianBlur)
 
+logger = logging.getLogger()
+
 # warn when the collapse metric falls below this fraction of its no-collapse value 1/sqrt(d)
-COLLAPSE_WARN_RATIO = 0.2
+COLLAPSE_WARN_RATIO = 0.5
 
 
 def projection_mlp(in_dim, hidden_dim, dim):
@@ -102,16 +106,30 @@ def simsiam_lr_schedule(init_lr, epochs, niter_per_ep):
     return [lr for lr in per_epoch for _ in range(niter_per_ep)]
 
 
-def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil"):
+def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augment="fast"):
     """SimSiam's (= MoCo v2's) augmentation: crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
-    p 0.2, blur p 0.5, flip, normalise (with this project's mean/std)."""
+    p 0.2, blur p 0.5, flip, normalise (with this project's mean/std).
+
+    augment="pil": the original's torchvision pipeline, in its order. "fast" (default):
+    src/fastaugment.py with half of SwAV's jitter strength, i.e. the same jitter; it draws the
+    flip right after the crop instead of last, which gives the same distribution (a flip
+    commutes with per-pixel colour changes and a symmetric blur) but other views for a seed."""
     if blur not in ("pil", "opencv"):
         raise ValueError(f"--blur must be pil or opencv, got {blur!r}")
+    if augment not in ("fast", "pil"):
+        raise ValueError(f"--augment must be fast or pil, got {augment!r}")
+    blur_t = PILRandomGaussianBlur(p=0.5) if blur == "pil" else KernelGaussianBlur(p=0.5)
+    if augment == "fast":
+        if fastaugment.available():
+            fastaugment.warm_up()
+            return fastaugment.FastCropTransform(size, (min_scale, max_scale), blur_t, MEAN, STD,
+                                                 jitter_strength=0.5)
+        logger.warning("numba is not installed: using the (slower) PIL augmentation pipeline")
     return transforms.Compose([
         transforms.RandomResizedCrop(size, scale=(min_scale, max_scale)),
         transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
         transforms.RandomGrayscale(p=0.2),
-        PILRandomGaussianBlur(p=0.5) if blur == "pil" else KernelGaussianBlur(p=0.5),
+        blur_t,
         transforms.RandomHorizontalFlip(),
         transforms.ToTensor(),
         transforms.Normalize(mean=MEAN, std=STD),
@@ -123,8 +141,9 @@ class TwoViewDataset(MultiCropDataset):
     and its per-sample seeding under a SeededSampler (exact resume); only the transform differs."""
 
     def __init__(self, data_path, size=224, min_scale=0.2, max_scale=1.0, blur="pil",
-                 strict_data=False):
+                 strict_data=False, augment="fast"):
+        # the parent checks the scales; its (SwAV) transforms are replaced below
         super().__init__(data_path, [size], [2], [min_scale], [max_scale], blur=blur,
-                         strict_data=strict_data)
-        t = simsiam_transform(size, min_scale, max_scale, blur)
+                         strict_data=strict_data, augment="pil")
+        t = simsiam_transform(size, min_scale, max_scale, blur, augment)
         self.trans = [t, t]

@@ -12,14 +12,17 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
+from PIL import Image
 
 import main_simsiam
 from conftest import ROOT
 from src.cli import run_main
 from src.pretrained import load_pretrained
 from src.resnet50 import resnet18
+from src.multicropdataset import MEAN, STD, PILRandomGaussianBlur
 from src.simsiam import (SimSiam, TwoViewDataset, normalized_std, optimizer_groups,
-                         simsiam_loss, simsiam_lr_schedule)
+                         simsiam_loss, simsiam_lr_schedule, simsiam_transform)
 
 
 def _tiny_argv(data, dump, extra=()):
@@ -184,12 +187,29 @@ def test_lr_schedule_is_the_original_per_epoch_cosine():
         assert s[3 * e: 3 * e + 3] == [pytest.approx(0.05 * (1 + math.cos(math.pi * e / 4)))] * 3
 
 
-def test_two_views_seeded_and_different(image_folder):
-    ds = TwoViewDataset(image_folder, size=16)
+@pytest.mark.parametrize("augment", ["fast", "pil"])
+def test_two_views_seeded_and_different(image_folder, augment):
+    ds = TwoViewDataset(image_folder, size=16, augment=augment)
     v1, v2 = ds[(0, 123)]
     assert v1.shape == v2.shape == (3, 16, 16) and not torch.equal(v1, v2)
     w1, w2 = ds[(0, 123)]
     assert torch.equal(v1, w1) and torch.equal(v2, w2)
+
+
+def test_fast_augment_is_simsiams_pipeline_with_the_flip_drawn_first(image_folder):
+    """fast = crop, flip, jitter 0.4/0.4/0.4/0.1 (p 0.8), grayscale, blur, normalise, pixel for
+    pixel; SimSiam's order only draws the flip last (a flip commutes with the other steps)."""
+    fast = simsiam_transform(16, 0.2, 1.0, augment="fast")
+    reference = T.Compose([
+        T.RandomResizedCrop(16, scale=(0.2, 1.0)), T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+        PILRandomGaussianBlur(p=0.5), T.ToTensor(), T.Normalize(MEAN, STD)])
+    image = Image.open(os.path.join(image_folder, "class_0", "img_0.jpg")).convert("RGB")
+    for seed in range(8):
+        torch.manual_seed(seed)
+        a = fast(image)
+        torch.manual_seed(seed)
+        torch.testing.assert_close(a, reference(image), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- end to end

@@ -1,0 +1,99 @@
+"""eval_knn.py: the weighted k-NN classifier's math, and short runs in one process and under
+torchrun (same numbers: features are gathered in dataset order, each val image counted once)."""
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, make_image_folder
+
+import eval_knn
+from src.evaluation import knn_classify
+
+
+def test_knn_separable_features_are_classified_perfectly():
+    g = torch.Generator().manual_seed(0)
+    centres = F.normalize(torch.randn(10, 32, generator=g), dim=1) * 10
+    train_y = torch.arange(10).repeat_interleave(30)
+    test_y = torch.arange(10).repeat_interleave(10)
+    train_x = centres[train_y] + torch.randn(300, 32, generator=g)
+    test_x = centres[test_y] + torch.randn(100, 32, generator=g)
+    scores = knn_classify(train_x, train_y, test_x, 10, k=20, temperature=0.07, batch_size=7)
+    assert scores.shape == (100, 10)
+    assert (scores.argmax(1) == test_y).all()
+
+
+def test_knn_on_shuffled_labels_is_about_chance():
+    g = torch.Generator().manual_seed(1)
+    train_x, test_x = torch.randn(3000, 16, generator=g), torch.randn(2000, 16, generator=g)
+    train_y = torch.randint(0, 10, (3000,), generator=g)
+    test_y = torch.randint(0, 10, (2000,), generator=g)
+    acc = (knn_classify(train_x, train_y, test_x, 10).argmax(1) == test_y).float().mean().item()
+    assert 0.07 < acc < 0.13  # chance is 0.10; 2000 samples: sd ~0.007
+
+
+def test_knn_matches_a_direct_implementation():
+    g = torch.Generator().manual_seed(2)
+    train_x, test_x = torch.randn(50, 8, generator=g), torch.randn(9, 8, generator=g)
+    train_y = torch.randint(0, 4, (50,), generator=g)
+    k, t = 5, 0.1
+    scores = knn_classify(train_x, train_y, test_x, 4, k=k, temperature=t, batch_size=4)
+    for i in range(9):
+        sims = [F.cosine_similarity(test_x[i], train_x[j], dim=0).item() for j in range(50)]
+        nearest = sorted(range(50), key=lambda j: -sims[j])[:k]
+        expected = torch.zeros(4)
+        for j in nearest:
+            expected[train_y[j]] += torch.exp(torch.tensor(sims[j] / t))
+        torch.testing.assert_close(scores[i], expected, rtol=1e-4, atol=1e-5)
+    # k larger than the training set uses every training sample
+    assert knn_classify(train_x, train_y, test_x, 4, k=500).shape == (9, 4)
+
+
+@pytest.fixture
+def split_folder(tmp_path):
+    """train/ 3 classes x 7 (odd), val/ 3 classes x 3 + 1 extra: uneven shards over 2 ranks."""
+    root = tmp_path / "data"
+    make_image_folder(str(root / "train"), classes=3, per_class=7, size=20, seed=0)
+    make_image_folder(str(root / "val"), classes=3, per_class=3, size=20, seed=1)
+    make_image_folder(str(root / "val_extra"), classes=1, per_class=1, size=20, seed=2)
+    os.rename(root / "val_extra" / "class_0" / "img_0.jpg", root / "val" / "class_0" / "extra.jpg")
+    return str(root)
+
+
+def knn_argv(data, dump, extra=()):
+    return ["--data_path", data, "--arch", "resnet18", "--width", "8", "--cifar_stem", "true",
+            "--resize", "16", "--center_crop", "16", "--batch_size", "4", "--workers", "0",
+            "--nb_knn", "3", "20", "--dump_path", dump, *extra]
+
+
+def test_eval_knn_one_process_and_torchrun_agree(split_folder, tmp_path):
+    parser = eval_knn.get_args_parser()
+    one = eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "one"))))
+    # 10 val images, each counted once: accuracies are multiples of 10 %
+    for res in one.values():
+        assert abs(res["top1"] / 10 - round(res["top1"] / 10)) < 1e-6
+    stats = pd.read_pickle(tmp_path / "one" / "stats_eval_knn0.pkl")
+    assert list(stats["k"]) == [3, 20]
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", "29731", "eval_knn.py",
+           *knn_argv(split_folder, str(tmp_path / "two"))]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = pd.read_pickle(tmp_path / "two" / "stats_eval_knn0.pkl")
+    assert list(two["top1"]) == pytest.approx([one[3]["top1"], one[20]["top1"]])
+    assert list(two["top5"]) == pytest.approx([one[3]["top5"], one[20]["top5"]])
+
+
+def test_eval_knn_pixels_baseline_needs_no_weights(split_folder, tmp_path):
+    parser = eval_knn.get_args_parser()
+    res = eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "px"),
+                                                   ["--arch", "pixels"])))
+    assert set(res) == {3, 20}
+    with pytest.raises(ValueError, match="pixels takes no --pretrained"):
+        eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "px2"),
+                                                 ["--arch", "pixels", "--pretrained", "x.pth"])))
