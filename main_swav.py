@@ -21,7 +21,8 @@ from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset, check_image_folder
 from src.resnet50 import build_backbone
 from src.sinkhorn import distributed_sinkhorn
-from src.utils import fix_random_seeds, initialize_exp
+from src.tensorboard import TensorBoard
+from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -69,6 +70,9 @@ def get_args_parser():
     add_backbone_args(parser)
     parser.add_argument("--hidden_mlp", default=2048, type=int,
                         help="hidden layer dimension in projection head")
+    parser.add_argument("--tensorboard", type=bool_flag, default=False,
+                        help="write loss, lr and prototype use under dump_path/tb (rank 0; "
+                             "needs the tensorboard package)")
     add_run_args(parser)
     return parser
 
@@ -229,6 +233,7 @@ def main(args):
     # the loss sits near ln(K) while the prototypes are frozen: count from their release
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,
                                         start_iter=args.freeze_prototypes_niters)
+    tb = TensorBoard(args)
     for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
         # optionally starts a queue
         if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
@@ -236,6 +241,10 @@ def main(args):
 
         scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
                               scaler=scaler, monitor=monitor, start_iter=start_iter, state=state)
+        summary = getattr(monitor, "last_summary", None) or {}
+        used = summary.get("prototypes_used", [None])[0]
+        tb.scalars(epoch, "swav", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                   prototypes_in_use=used / args.nmb_prototypes if used is not None else None)
 
         # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
         # original, in a per-rank queue file)
@@ -247,6 +256,7 @@ def main(args):
         # stats row; checkpoint (mid-epoch if a stop request cut the epoch); requeue and exit
         end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state, extra)
         start_iter, state = 0, {}
+    tb.close()
     return training_stats
 
 

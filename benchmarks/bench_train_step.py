@@ -214,6 +214,8 @@ def main():
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args._child:
         return run_child(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)  # as the children: the machine line says so
     cuda = args.device.startswith("cuda")
     configs = args.configs or (CUDA_CONFIGS if cuda else CPU_CONFIGS)
     for c in configs:

@@ -105,6 +105,8 @@ def add_run_args(parser):
     parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
     parser.add_argument("--checkpoint_freq", type=int, default=25,
                         help="Save the model periodically")
+    parser.add_argument("--log_freq", type=int, default=50,
+                        help="log the progress line every this many iterations")
     parser.add_argument("--use_fp16", type=bool_flag, default=True,
                         help="mixed precision: fp16 + GradScaler on CUDA; bf16 on a CPU with "
                              "native bf16, else fp32")

@@ -195,9 +195,10 @@ class EpochProgress:
     given that state continues each rank's loss average, so the epoch's stats rows equal an
     uninterrupted run's."""
 
-    def __init__(self, loader, epoch, args, start_iter=0, log_freq=50, state=None):
+    def __init__(self, loader, epoch, args, start_iter=0, log_freq=None, state=None):
         self.loader, self.epoch, self.args = loader, epoch, args
-        self.start_iter, self.log_freq = start_iter, log_freq
+        # the original logs every 50 iterations; --log_freq changes it (e.g. a short demo)
+        self.start_iter, self.log_freq = start_iter, log_freq or getattr(args, "log_freq", 50)
         self.batch_time, self.data_time, self.losses = AverageMeter(), AverageMeter(), AverageMeter()
         self.niter_per_ep = start_iter + len(loader)
         self.state, self.stopped_at = state, None

@@ -107,7 +107,7 @@ def test_pretrained_errors(tmp_path):
         build_frozen_backbone(small_args(pretrained=str(tmp_path / "missing.pth")), 32)
     path = str(tmp_path / "other.pth")
     torch.save({"encoder_q.weight": torch.zeros(3)}, path)
-    with pytest.raises(CheckpointError, match="no backbone weight"):
+    with pytest.raises(CheckpointError, match="wrong --arch"):
         build_frozen_backbone(small_args(pretrained=path), 32)
 
 

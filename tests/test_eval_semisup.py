@@ -53,7 +53,7 @@ def test_subset_file_formats_and_errors(tmp_path):
     with pytest.raises(DataError, match="is empty"):
         read_subset_file(str(subset), str(train), class_to_idx)
     subset.write_text("n01_1.JPEG\nn01_9.JPEG\nn03_1.JPEG\n")
-    with pytest.raises(DataError, match="2 of 3 files are not in .* first: n01/n01_9.JPEG"):
+    with pytest.raises(DataError, match=r"2 of 3 files are not in .* \(first: n01/n01_9.JPEG\)"):
         read_subset_file(str(subset), str(train), class_to_idx)
     with pytest.raises(DataError, match="no such file"):
         read_subset_file(str(tmp_path / "none.txt"), str(train), class_to_idx)

@@ -1,0 +1,161 @@
+"""The end-to-end demo (`make demo`): SwAV pre-training on the embedded Fashion-MNIST subset, then
+linear and k-NN evaluation of the trained backbone, of the same backbone untrained, and of the raw
+pixels, printed as a table. No network: the data ships in data/fashion_mnist_subset.npz.
+
+    python tools/demo.py [--out demo_run] [--epochs N]
+
+Each step runs the repository's own entry points (main_swav.py, eval_linear.py, eval_knn.py) as
+a subprocess; their full logs stay in the run folders, the console shows progress and the table.
+"""
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pandas as pd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import make_demo_data  # noqa: E402
+import plot_stats  # noqa: E402
+
+# the small backbone, shared by pre-training and evaluation
+BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "16"]
+# SwAV on 32x32 images: 2 x 32 + 4 x 16 crops, few prototypes for 10 classes, no blur
+SWAV = ["--nmb_crops", "2", "4", "--size_crops", "32", "16", "--min_scale_crops", "0.4", "0.1",
+        "--max_scale_crops", "1", "0.4", "--crops_for_assign", "0", "1",
+        "--nmb_prototypes", "30", "--feat_dim", "64", "--hidden_mlp", "512",
+        "--epsilon", "0.05", "--temperature", "0.1", "--batch_size", "64",
+        "--base_lr", "0.6", "--final_lr", "0.0006", "--warmup_epochs", "1",
+        "--freeze_prototypes_niters", "78", "--queue_length", "0", "--wd", "1e-6",
+        "--use_fp16", "true", "--log_freq", "10", "--checkpoint_freq", "1000"]
+EPOCHS = 12
+# evaluation on 32x32 images, no resizing; the linear head trains on features computed once
+SIZES = ["--resize", "32", "--center_crop", "32"]
+LINEAR = ["--cache_features", "true", "--train_crop", "32", "--epochs", "100",
+          "--batch_size", "256", "--lr", "0.03", "--wd", "1e-6", "--log_freq", "1000"]
+KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
+
+PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss [\d.]+ \(([\d.]+)\)")
+
+
+def run(cmd, log_path, on_line=None):
+    """Run `cmd` (python args) from the repository root, output to `log_path`; fail loudly."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-u", *cmd], cwd=ROOT, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in proc.stdout:
+            log.write(line)
+            if on_line:
+                on_line(line)
+        proc.wait()
+    if proc.returncode != 0:
+        tail = open(log_path).read().strip().splitlines()[-15:]
+        sys.exit(f"error: {' '.join(cmd[:1])} failed (exit {proc.returncode}); end of "
+                 f"{log_path}:\n" + "\n".join(tail))
+
+
+def pretrain(data, dump, epochs, workers, tensorboard):
+    niter = image_count(os.path.join(data, "train")) // int(SWAV[SWAV.index("--batch_size") + 1])
+    total = niter * epochs
+    start = time.time()
+
+    def on_line(line):
+        m = PROGRESS.search(line)
+        if not m:
+            return
+        done = int(m.group(1)) * niter + int(m.group(2)) + 1
+        elapsed = time.time() - start
+        eta = elapsed / done * (total - done)
+        print(f"\r  pre-training: epoch {int(m.group(1)) + 1}/{epochs}, iteration {done}/{total}, "
+              f"loss {float(m.group(3)):.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s   ",
+              end="", flush=True)
+
+    run(["main_swav.py", "--data_path", os.path.join(data, "train"), "--dump_path", dump,
+         "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard,
+         *BACKBONE, *SWAV], os.path.join(dump, "console.log"), on_line)
+    print()
+    return time.time() - start
+
+
+def image_count(folder):
+    return sum(f.endswith(".png") for _, _, files in os.walk(folder) for f in files)
+
+
+def evaluate(data, dump, model_args, workers, tensorboard):
+    """(linear top-1, k-NN top-1, seconds) for one feature extractor."""
+    start = time.time()
+    os.makedirs(dump, exist_ok=True)
+    common = ["--data_path", data, "--dump_path", dump, "--workers", str(workers),
+              "--use_fp16", "true", "--tensorboard", tensorboard, *SIZES, *model_args]
+    run(["eval_linear.py", *common, *LINEAR], os.path.join(dump, "console_eval_linear.log"))
+    run(["eval_knn.py", *common, *KNN], os.path.join(dump, "console_eval_knn.log"))
+    linear = pd.read_pickle(os.path.join(dump, "stats_eval_linear0.pkl"))["prec1_val"].iloc[-1]
+    knn = pd.read_pickle(os.path.join(dump, "stats_eval_knn0.pkl"))["top1"].iloc[-1]
+    return float(linear), float(knn), time.time() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="SwAV demo on embedded Fashion-MNIST")
+    parser.add_argument("--out", default=os.path.join(ROOT, "demo_run"), help="run folder")
+    parser.add_argument("--data", default=os.path.join(ROOT, "demo_data"),
+                        help="where the ImageFolder is written")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="SwAV pre-training epochs")
+    parser.add_argument("--workers", type=int, default=2, help="data loading workers")
+    parser.add_argument("--tensorboard", default="true", help="TensorBoard scalars (true/false)")
+    args = parser.parse_args(argv)
+    t0 = time.time()
+
+    # 1. the embedded subset as an ImageFolder (train/, val/; 32x32 RGB PNGs)
+    n = make_demo_data.export(make_demo_data.DEFAULT_NPZ, args.data)
+    print(f"[1/4] data: {args.data} ({'written, ' + str(n) + ' images' if n else 'up to date'};"
+          " Fashion-MNIST subset, 5000 train / 1000 val, 10 classes)")
+
+    # 2. SwAV pre-training; a fresh run each time (old checkpoints would be resumed)
+    swav_dir = os.path.join(args.out, "swav")
+    for sub in ("swav", "untrained", "pixels"):
+        shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
+    os.makedirs(swav_dir)
+    print(f"[2/4] SwAV pre-training: resnet18 (width 16, CIFAR stem), {args.epochs} epochs, "
+          "2x32 + 4x16 crops, 30 prototypes")
+    t_pre = pretrain(args.data, swav_dir, args.epochs, args.workers, args.tensorboard)
+    checkpoint = os.path.join(swav_dir, "checkpoint.pth.tar")
+
+    # 3. the same evaluations of three feature extractors
+    print("[3/4] linear (100 epochs on frozen features) and 20-NN evaluation")
+    rows = []
+    for name, dump, model_args in (
+            ("SwAV (trained)", swav_dir, [*BACKBONE, "--pretrained", checkpoint]),
+            ("same net, untrained", os.path.join(args.out, "untrained"), BACKBONE),
+            ("raw pixels", os.path.join(args.out, "pixels"), ["--arch", "pixels"])):
+        linear, knn, seconds = evaluate(args.data, dump, model_args, args.workers,
+                                        args.tensorboard)
+        if name.startswith("SwAV"):
+            seconds += t_pre
+        rows.append((name, linear, knn, seconds))
+        print(f"  {name}: linear {linear:.1f}, k-NN {knn:.1f} ({seconds:.0f}s)")
+
+    # 4. plot and summary
+    plot = plot_stats.plot(swav_dir)
+    print("[4/4] results (val top-1 %, 1000 images)\n")
+    print(f"  {'method':<22}{'linear top-1':>13}{'k-NN top-1':>12}{'time':>9}")
+    for name, linear, knn, seconds in rows:
+        print(f"  {name:<22}{linear:>13.1f}{knn:>12.1f}{seconds:>8.0f}s")
+    (_, lin_s, knn_s, _), (_, lin_u, knn_u, _), (_, lin_p, knn_p, _) = rows
+    print(f"\n  SwAV - untrained: linear {lin_s - lin_u:+.1f}, k-NN {knn_s - knn_u:+.1f} "
+          "(target: >= +3 / >= +5)")
+    print(f"  SwAV - raw pixels: linear {lin_s - lin_p:+.1f}, k-NN {knn_s - knn_p:+.1f} "
+          "(target: > 0)")
+    print(f"\n  total time {time.time() - t0:.0f}s")
+    print(f"  checkpoint: {checkpoint}")
+    print(f"  logs:       {os.path.join(swav_dir, 'train.log')}, eval_linear.log, eval_knn.log")
+    print(f"  plot:       {plot}")
+    if args.tensorboard.lower() in ("true", "1", "on"):
+        print(f"  tensorboard --logdir {args.out}  (needs `pip install tensorboard`)")
+
+
+if __name__ == "__main__":
+    main()
