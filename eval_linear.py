@@ -20,7 +20,7 @@ from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_a
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
                             eval_paths, eval_transforms, extract_features, frozen_forward,
                             resume_eval_state, save_eval_state, shard_loader, tensor_loaders,
-                            train_epoch, validate)
+                            eval_scaler, train_epoch, validate)
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -122,6 +122,7 @@ def main(args):
     logger.info("Building data done")
 
     # set optimizer and scheduler
+    scaler = eval_scaler(args)
     optimizer = torch.optim.SGD(linear_classifier.parameters(), lr=args.lr, nesterov=args.nesterov,
                                 momentum=0.9, weight_decay=args.wd)
     scheduler = build_scheduler(optimizer, args)
@@ -135,7 +136,8 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch)
-        scores = train_epoch(forward, [linear_classifier], train_loader, optimizer, epoch, args)
+        scores = train_epoch(forward, [linear_classifier], train_loader, optimizer, epoch, args,
+                             scaler)
         scores_val = validate(forward, [linear_classifier], val_loader, args)
         training_stats.update(scores + scores_val)
         if scores_val[1] > best_acc[0]:

@@ -22,7 +22,7 @@ from src.evaluation import (add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, eval_paths, eval_transforms,
                             forward_autocast, load_backbone_weights, read_subset_file,
                             resume_eval_state, save_eval_state, shard_loader, stratified_subset,
-                            train_epoch, validate)
+                            eval_scaler, train_epoch, validate)
 from src.resnet50 import build_backbone
 from src.tensorboard import TensorBoard
 from src.utils import fix_random_seeds, initialize_exp
@@ -125,6 +125,7 @@ def main(args):
     trunk_parameters, head_parameters = [], []
     for name, param in model.named_parameters():
         (head_parameters if "head" in name else trunk_parameters).append(param)
+    scaler = eval_scaler(args)
     optimizer = torch.optim.SGD([{"params": trunk_parameters},
                                  {"params": head_parameters, "lr": args.lr_last_layer}],
                                 lr=args.lr, momentum=0.9, weight_decay=0)
@@ -138,7 +139,8 @@ def main(args):
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch)
-        scores = train_epoch(forward, [model], train_loader, optimizer, epoch, args)
+        scores = train_epoch(forward, [model], train_loader, optimizer, epoch, args,
+                             scaler)
         scores_val = validate(forward, [model], val_loader, args)
         training_stats.update(scores + scores_val)
         if scores_val[1] > best_acc[0]:

@@ -12,7 +12,7 @@ from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_m
 from src.engine import (EpochProgress, backward_and_step, build_loader, forward_context,
                         prepare_model, resume_training_state, run_epochs, save_training_state,
                         set_lr, setup_precision)
-from src.multicropdataset import check_image_folder
+from src.multicropdataset import BLURS, check_image_folder
 from src.resnet50 import build_backbone
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
                          normalized_std, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
@@ -34,8 +34,9 @@ def get_args_parser():
                         help="RandomResizedCrop's lower scale bound")
     parser.add_argument("--max_scale_crop", type=float, default=1.0,
                         help="RandomResizedCrop's upper scale bound")
-    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
-                        help="Gaussian blur: PIL radius (the original) or a 23x23 kernel")
+    parser.add_argument("--blur", type=str, default="pil", choices=BLURS,
+                        help="Gaussian blur: PIL radius (the original), a 23x23 kernel, or none "
+                             "(small images)")
     parser.add_argument("--strict_data", type=bool_flag, default=False,
                         help="stop on an unreadable image instead of skipping it with a warning")
     parser.add_argument("--augment", type=str, default="fast", choices=["fast", "pil"],

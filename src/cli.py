@@ -7,7 +7,7 @@ from . import distributed as du
 from .checkpoint import CheckpointError
 from .engine import NonFiniteLossError
 from .monitor import CollapseError
-from .multicropdataset import DataError
+from .multicropdataset import BLURS, DataError
 from .resnet50 import ARCHS
 from .utils import bool_flag
 
@@ -40,9 +40,9 @@ def add_multicrop_args(parser):
                         help="argument in RandomResizedCrop (example: [0.14, 0.05])")
     parser.add_argument("--max_scale_crops", type=float, default=[1], nargs="+",
                         help="argument in RandomResizedCrop (example: [1., 0.14])")
-    parser.add_argument("--blur", type=str, default="pil", choices=["pil", "opencv"],
-                        help="Gaussian blur: PIL radius (final code) or the 23x23-kernel blur of "
-                             "the published runs")
+    parser.add_argument("--blur", type=str, default="pil", choices=BLURS,
+                        help="Gaussian blur: PIL radius (final code), the 23x23-kernel blur of "
+                             "the published runs, or none (small images: no blur)")
     parser.add_argument("--augment", type=str, default="fast", choices=["fast", "pil"],
                         help="augmentation code: fast (src/fastaugment.py: same random draws and "
                              "same tensors as pil, faster) or pil (the original torchvision/PIL "

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 
 from . import distributed as du
-from .amp import autocast, resolve_amp
+from .amp import autocast, make_scaler, resolve_amp
 from .checkpoint import CheckpointError, atomic_save, model_state_dict, restart_from_checkpoint
 from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
 from .pretrained import load_pretrained
@@ -394,9 +394,18 @@ class ClassificationMeter:
         return sums[0].item() / n, 100 * sums[1].item() / n, 100 * sums[2].item() / n
 
 
-def train_epoch(forward, modules, loader, optimizer, epoch, args):
+def eval_scaler(args):
+    """A GradScaler, enabled where --use_fp16 means fp16 autocast (CUDA): without it small
+    gradients of the fine-tuned network or the linear head underflow to zero."""
+    _, use_scaler, _ = resolve_amp(getattr(args, "use_fp16", False),
+                                   getattr(args, "amp_dtype", "auto"), args.device)
+    return make_scaler(use_scaler, args.device)
+
+
+def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
     """One epoch of cross-entropy training of `modules` on `forward(inputs) -> logits`.
     Returns (epoch, loss, prec1, prec5) over all ranks, the original's row."""
+    scaler = scaler if scaler is not None else make_scaler(False, args.device)
     for m in modules:
         m.train()
     criterion = nn.CrossEntropyLoss()
@@ -409,8 +418,9 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args):
         output = forward(inp)
         loss = criterion(output.float(), target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
         acc1, _ = meter.update(loss.item(), output, target)
         losses.update(loss.item(), target.shape[0])
         batch_time.update(time.perf_counter() - end)

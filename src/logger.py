@@ -21,6 +21,9 @@ class LogFormatter:
         return "%s - %s" % (prefix, message) if message else ""
 
 
+QUIET_LIBRARIES = ("PIL", "matplotlib", "numba", "h5py", "urllib3", "fsspec")
+
+
 def create_logger(filepath, rank):
     """Log to `filepath` (rank 0) or `filepath-{rank}` at DEBUG, and to the console at INFO.
 
@@ -36,6 +39,9 @@ def create_logger(filepath, rank):
             handler.close()
     logger.setLevel(logging.DEBUG)
     logger.propagate = False
+    # libraries' debug chatter (PIL logs every PNG chunk it reads) stays out of train.log
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.INFO)
     handlers = []
     if filepath is not None:
         file_handler = logging.FileHandler(filepath, "a")

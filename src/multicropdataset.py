@@ -171,6 +171,20 @@ class KernelGaussianBlur:
         return transforms.functional.to_pil_image(x)
 
 
+BLURS = ("pil", "opencv", "none")
+
+
+def make_blur(blur, p=0.5):
+    """--blur: PIL's radius blur (the final original code), the 23x23-kernel blur of the published
+    runs, or none (small images, where a sigma-2 blur wipes out a 32x32 crop; SimCLR's CIFAR
+    setting). `none` is the PIL blur with probability 0: same random draws, image untouched."""
+    if blur not in BLURS:
+        raise ValueError(f"--blur must be one of {', '.join(BLURS)}, got {blur!r}")
+    if blur == "opencv":
+        return KernelGaussianBlur(p=p)
+    return PILRandomGaussianBlur(p=p if blur == "pil" else 0.0)
+
+
 def get_color_distortion(s=1.0):
     color_jitter = transforms.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
     rnd_color_jitter = transforms.RandomApply([color_jitter], p=0.8)
@@ -193,11 +207,9 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
     for lo, hi in zip(min_scale_crops, max_scale_crops):
         if not 0 < lo <= hi <= 1:
             raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
-    if blur not in ("pil", "opencv"):
-        raise ValueError(f"--blur must be pil or opencv, got {blur!r}")
+    blur_t = make_blur(blur)
     if augment not in ("fast", "pil"):
         raise ValueError(f"--augment must be fast or pil, got {augment!r}")
-    blur_t = PILRandomGaussianBlur() if blur == "pil" else KernelGaussianBlur()
     if augment == "fast":
         from . import fastaugment
         if fastaugment.available():

@@ -14,8 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 
 from . import fastaugment
-from .multicropdataset import (MEAN, STD, KernelGaussianBlur, MultiCropDataset,
-                               PILRandomGaussianBlur)
+from .multicropdataset import MEAN, STD, MultiCropDataset, make_blur
 
 logger = logging.getLogger()
 
@@ -114,11 +113,9 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
     src/fastaugment.py with half of SwAV's jitter strength, i.e. the same jitter; it draws the
     flip right after the crop instead of last, which gives the same distribution (a flip
     commutes with per-pixel colour changes and a symmetric blur) but other views for a seed."""
-    if blur not in ("pil", "opencv"):
-        raise ValueError(f"--blur must be pil or opencv, got {blur!r}")
+    blur_t = make_blur(blur, p=0.5)
     if augment not in ("fast", "pil"):
         raise ValueError(f"--augment must be fast or pil, got {augment!r}")
-    blur_t = PILRandomGaussianBlur(p=0.5) if blur == "pil" else KernelGaussianBlur(p=0.5)
     if augment == "fast":
         if fastaugment.available():
             fastaugment.warm_up()

@@ -11,7 +11,7 @@ import torch
 from conftest import ROOT, make_image_folder
 
 import eval_semisup
-from src.evaluation import read_subset_file, stratified_subset
+from src.evaluation import eval_scaler, read_subset_file, stratified_subset, train_epoch
 from src.multicropdataset import DataError
 
 
@@ -121,3 +121,25 @@ def test_cli_bad_labels_perc_is_one_line(split_folder, tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("error: --labels_perc 1.0 leaves class")
+
+
+def test_fine_tuning_steps_go_through_the_grad_scaler():
+    """fp16 fine-tuning on CUDA needs loss scaling; on the CPU the scaler is off (bf16/fp32)."""
+    import argparse
+    args = argparse.Namespace(use_fp16=True, amp_dtype="auto", device="cpu", rank=0, log_freq=100)
+    assert not eval_scaler(args).is_enabled()
+
+    class RecordingScaler(torch.amp.GradScaler):
+        scaled = 0
+
+        def scale(self, loss):
+            RecordingScaler.scaled += 1
+            return super().scale(loss)
+
+    model = torch.nn.Linear(4, 3)
+    before = model.weight.detach().clone()
+    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_epoch(model, [model], loader, optimizer, 0, args, RecordingScaler("cpu", enabled=False))
+    assert RecordingScaler.scaled == 3
+    assert not torch.equal(model.weight, before)

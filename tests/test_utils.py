@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.logger import LogFormatter, PD_Stats
+from src.logger import LogFormatter, PD_Stats, create_logger
 from src.utils import accuracy, bool_flag, cosine_lr_schedule
 
 
@@ -56,3 +56,19 @@ def test_pd_stats_roundtrip_and_column_check(tmp_path):
     assert len(s2.stats) == 2 and s2.stats["loss"].iloc[1] == 1.2
     with pytest.raises(ValueError, match="columns"):
         PD_Stats(p, ["epoch", "acc"])
+
+
+def test_logger_keeps_library_debug_out_of_the_log(tmp_path):
+    path = tmp_path / "train.log"
+    log = create_logger(str(path), rank=0)
+    try:
+        logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IDAT' 41 1377")
+        logging.getLogger("src.engine").debug("our own debug line")
+    finally:
+        for handler in list(log.handlers):
+            if getattr(handler, "_swav", False):
+                log.removeHandler(handler)
+                handler.close()
+    text = path.read_text()
+    assert "our own debug line" in text
+    assert "STREAM" not in text
