@@ -15,6 +15,12 @@ $(STAMP): requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $(STAMP)
 
+# the demo: pre-train on the embedded Fashion-MNIST subset, evaluate, print the table
+# (METHOD=swav by default; METHOD=deepclusterv2 or METHOD=simsiam for the other methods)
+METHOD ?= swav
+demo: $(STAMP)
+	$(PY) tools/demo.py --method $(METHOD)
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 

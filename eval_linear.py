@@ -18,9 +18,8 @@ from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
 from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
-                            eval_paths, eval_transforms, extract_features, frozen_forward,
-                            resume_eval_state, save_eval_state, shard_loader, tensor_loaders,
-                            eval_scaler, train_epoch, validate)
+                            eval_paths, eval_scaler, eval_transforms, extract_features, fit,
+                            frozen_forward, shard_loader, tensor_loaders)
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -127,36 +126,8 @@ def main(args):
                                 momentum=0.9, weight_decay=args.wd)
     scheduler = build_scheduler(optimizer, args)
 
-    # optionally resume from this evaluation's own checkpoint
-    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], linear_classifier, optimizer,
-                                              scheduler)
-    training_stats.truncate(start_epoch)
-
-    scores_val = None
-    for epoch in range(start_epoch, args.epochs):
-        logger.info("============ Starting epoch %i ... ============" % epoch)
-        train_loader.sampler.set_epoch(epoch)
-        scores = train_epoch(forward, [linear_classifier], train_loader, optimizer, epoch, args,
-                             scaler)
-        scores_val = validate(forward, [linear_classifier], val_loader, args)
-        training_stats.update(scores + scores_val)
-        if scores_val[1] > best_acc[0]:
-            best_acc = (scores_val[1], scores_val[2])
-        logger.info(f"Test:\tLoss {scores_val[0]:.4f}\tAcc@1 {scores_val[1]:.3f}\t"
-                    f"Acc@5 {scores_val[2]:.3f}\tBest Acc@1 so far {best_acc[0]:.1f}")
-        tb.scalars(epoch, "eval_linear", loss=scores[1], prec1=scores[2], loss_val=scores_val[0],
-                   prec1_val=scores_val[1], prec5_val=scores_val[2],
-                   lr=optimizer.param_groups[0]["lr"])
-        scheduler.step()
-        save_eval_state(paths["checkpoint"], epoch, linear_classifier, optimizer, scheduler,
-                        best_acc, args)
-    if scores_val is None and len(training_stats.stats):  # resumed a finished run
-        last = training_stats.stats.iloc[-1]
-        scores_val = (last["loss_val"], last["prec1_val"], last["prec5_val"])
-    du.barrier()
-    tb.close()
-    final = {"top1": scores_val[1] if scores_val else 0.0, "top5": scores_val[2] if scores_val else 0.0,
-             "best_top1": best_acc[0], "best_top5": best_acc[1]}
+    final = fit("eval_linear", forward, linear_classifier, (train_loader, val_loader), optimizer,
+                scheduler, scaler, training_stats, tb, paths, args)
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 "Final top-1 {top1:.2f} top-5 {top5:.2f}; best top-1 {best_top1:.2f} "
                 "top-5 {best_top5:.2f}".format(**final))

@@ -18,11 +18,10 @@ import torch
 from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
-from src.evaluation import (add_eval_data_args, add_eval_model_args,
-                            add_eval_run_args, build_eval_datasets, eval_paths, eval_transforms,
+from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
+                            build_eval_datasets, eval_paths, eval_scaler, eval_transforms, fit,
                             forward_autocast, load_backbone_weights, read_subset_file,
-                            resume_eval_state, save_eval_state, shard_loader, stratified_subset,
-                            eval_scaler, train_epoch, validate)
+                            shard_loader, stratified_subset)
 from src.resnet50 import build_backbone
 from src.tensorboard import TensorBoard
 from src.utils import fix_random_seeds, initialize_exp
@@ -131,33 +130,9 @@ def main(args):
                                 lr=args.lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
 
-    # optionally resume from this evaluation's own checkpoint
-    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], model, optimizer, scheduler)
-    training_stats.truncate(start_epoch)
-
     forward = lambda x: forward_autocast(model, x, args)  # noqa: E731
-    for epoch in range(start_epoch, args.epochs):
-        logger.info("============ Starting epoch %i ... ============" % epoch)
-        train_loader.sampler.set_epoch(epoch)
-        scores = train_epoch(forward, [model], train_loader, optimizer, epoch, args,
-                             scaler)
-        scores_val = validate(forward, [model], val_loader, args)
-        training_stats.update(scores + scores_val)
-        if scores_val[1] > best_acc[0]:
-            best_acc = (scores_val[1], scores_val[2])
-        logger.info(f"Test:\tLoss {scores_val[0]:.4f}\tAcc@1 {scores_val[1]:.3f}\t"
-                    f"Acc@5 {scores_val[2]:.3f}\tBest Acc@1 so far {best_acc[0]:.1f}")
-        tb.scalars(epoch, "eval_semisup", loss=scores[1], prec1=scores[2], loss_val=scores_val[0],
-                   prec1_val=scores_val[1], prec5_val=scores_val[2],
-                   lr_trunk=optimizer.param_groups[0]["lr"], lr_head=optimizer.param_groups[1]["lr"])
-        scheduler.step()
-        save_eval_state(paths["checkpoint"], epoch, model, optimizer, scheduler, best_acc, args)
-    du.barrier()
-    tb.close()
-    last = training_stats.stats.iloc[-1] if len(training_stats.stats) else None
-    final = {"top1": float(last["prec1_val"]) if last is not None else 0.0,
-             "top5": float(last["prec5_val"]) if last is not None else 0.0,
-             "best_top1": best_acc[0], "best_top5": best_acc[1]}
+    final = fit("eval_semisup", forward, model, (train_loader, val_loader), optimizer, scheduler,
+                scaler, training_stats, tb, paths, args, lr_names=("lr_trunk", "lr_head"))
     logger.info("Fine-tuning with {} labels completed.\n"
                 "Final top-1 {top1:.2f} top-5 {top5:.2f}; best top-1 {best_top1:.2f} "
                 "top-5 {best_top5:.2f}".format(args.subset_file or f"{args.labels_perc}%", **final))

@@ -473,6 +473,36 @@ def resume_eval_state(path, model, optimizer, scheduler):
     return to_restore["epoch"], tuple(to_restore["best_acc"])
 
 
+def fit(name, forward, module, loaders, optimizer, scheduler, scaler, training_stats, tb, paths,
+        args, lr_names=("lr",)):
+    """The supervised epochs of eval_linear / eval_semisup: resume from this evaluation's own
+    checkpoint, then per epoch train, validate, log, TensorBoard, schedule, checkpoint.
+    Returns {top1, top5} of the last epoch and {best_top1, best_top5}."""
+    train_loader, val_loader = loaders
+    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], module, optimizer, scheduler)
+    training_stats.truncate(start_epoch)
+    for epoch in range(start_epoch, args.epochs):
+        logger.info("============ Starting epoch %i ... ============" % epoch)
+        train_loader.sampler.set_epoch(epoch)
+        scores = train_epoch(forward, [module], train_loader, optimizer, epoch, args, scaler)
+        scores_val = validate(forward, [module], val_loader, args)
+        training_stats.update(scores + scores_val)
+        if scores_val[1] > best_acc[0]:
+            best_acc = (scores_val[1], scores_val[2])
+        logger.info(f"Test:\tLoss {scores_val[0]:.4f}\tAcc@1 {scores_val[1]:.3f}\t"
+                    f"Acc@5 {scores_val[2]:.3f}\tBest Acc@1 so far {best_acc[0]:.1f}")
+        lrs = {lr_name: group["lr"] for lr_name, group in zip(lr_names, optimizer.param_groups)}
+        tb.scalars(epoch, name, loss=scores[1], prec1=scores[2], loss_val=scores_val[0],
+                   prec1_val=scores_val[1], prec5_val=scores_val[2], **lrs)
+        scheduler.step()
+        save_eval_state(paths["checkpoint"], epoch, module, optimizer, scheduler, best_acc, args)
+    du.barrier()
+    tb.close()
+    last = training_stats.stats.iloc[-1] if len(training_stats.stats) else None  # resumed: done
+    return {"top1": float(last["prec1_val"]) if last is not None else 0.0,
+            "top5": float(last["prec5_val"]) if last is not None else 0.0,
+            "best_top1": best_acc[0], "best_top5": best_acc[1]}
+
 
 # ----------------------------------------------------------------------------- labelled subsets
 def read_subset_file(path, train_root, class_to_idx):

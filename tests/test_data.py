@@ -83,3 +83,16 @@ def test_corrupt_image_skipped_or_strict(image_folder, tmp_path):
     strict = MultiCropDataset(image_folder, **KW, strict_data=True)
     with pytest.raises(DataError, match="img_0.jpg"):
         strict[0]
+
+
+def test_blur_none_leaves_the_crop_unblurred_and_bad_names_fail():
+    from PIL import Image
+    from src.multicropdataset import make_blur
+    img = Image.fromarray(np.random.RandomState(0).randint(0, 256, (32, 32, 3), dtype=np.uint8))
+    torch.manual_seed(0)
+    none = make_blur("none")
+    assert all(none(img) is img for _ in range(20))
+    pil = make_blur("pil")
+    assert any(pil(img) is not img for _ in range(20))  # p 0.5: some of 20 are blurred
+    with pytest.raises(ValueError, match="--blur must be one of"):
+        make_blur("box")

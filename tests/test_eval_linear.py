@@ -13,6 +13,7 @@ from conftest import ROOT, make_image_folder
 
 import eval_linear
 from eval_linear import RegLog
+from src import evaluation
 from src.checkpoint import CheckpointError
 from src.evaluation import build_eval_datasets, build_frozen_backbone, check_train_val
 from src.multicropdataset import DataError
@@ -182,17 +183,17 @@ def test_short_run_resume_and_no_collision(split_folder, tmp_path, monkeypatch):
 
     # killed during epoch 1, then resumed: the same classifier as the straight run
     half = str(tmp_path / "half")
-    real_train_epoch = eval_linear.train_epoch
+    real_train_epoch = evaluation.train_epoch
 
-    def dies_in_epoch_1(forward, modules, loader, optimizer, epoch, args):
+    def dies_in_epoch_1(forward, modules, loader, optimizer, epoch, args, scaler=None):
         if epoch == 1:
             raise KeyboardInterrupt
-        return real_train_epoch(forward, modules, loader, optimizer, epoch, args)
+        return real_train_epoch(forward, modules, loader, optimizer, epoch, args, scaler)
 
-    monkeypatch.setattr(eval_linear, "train_epoch", dies_in_epoch_1)
+    monkeypatch.setattr(evaluation, "train_epoch", dies_in_epoch_1)
     with pytest.raises(KeyboardInterrupt):
         eval_linear.main(parser.parse_args(linear_argv(split_folder, half)))
-    monkeypatch.setattr(eval_linear, "train_epoch", real_train_epoch)
+    monkeypatch.setattr(evaluation, "train_epoch", real_train_epoch)
     eval_linear.main(parser.parse_args(linear_argv(split_folder, half)))
     resumed = torch.load(os.path.join(half, "checkpoint_eval_linear.pth.tar"), weights_only=True)
     assert resumed["epoch"] == straight["epoch"] == 2

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import main_swav
 from conftest import ROOT, make_image_folder, tiny_swav_argv
-from src.checkpoint import CheckpointError, atomic_save, remove_stale_tmp_files, safe_load
+from src.checkpoint import CheckpointError, remove_stale_tmp_files, safe_load
 from src.cli import run_main
 from src.engine import (EpochProgress, NonFiniteGuard, NonFiniteLossError, backward_and_step,
                         build_loader)

@@ -1,6 +1,5 @@
 """SwAV training: the iteration against the original's math, queue and freeze semantics,
 end-to-end runs (one process, torchrun), exact resume, and bad input."""
-import copy
 import os
 import subprocess
 import sys

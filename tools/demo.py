@@ -1,10 +1,11 @@
-"""The end-to-end demo (`make demo`): SwAV pre-training on the embedded Fashion-MNIST subset, then
-linear and k-NN evaluation of the trained backbone, of the same backbone untrained, and of the raw
-pixels, printed as a table. No network: the data ships in data/fashion_mnist_subset.npz.
+"""The end-to-end demo (`make demo`): SwAV (or DeepCluster-v2, SimSiam) pre-training on the
+embedded Fashion-MNIST subset, then linear and k-NN evaluation of the trained backbone, of the same
+backbone untrained, and of the raw pixels, printed as a table. No network: the data ships in
+data/fashion_mnist_subset.npz.
 
-    python tools/demo.py [--out demo_run] [--epochs N]
+    python tools/demo.py [--method swav|deepclusterv2|simsiam] [--out demo_run] [--epochs N]
 
-Each step runs the repository's own entry points (main_swav.py, eval_linear.py, eval_knn.py) as
+Each step runs the repository's own entry points (main_*.py, eval_linear.py, eval_knn.py) as
 a subprocess; their full logs stay in the run folders, the console shows progress and the table.
 """
 import argparse
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import pandas as pd
 
@@ -24,15 +26,38 @@ import plot_stats  # noqa: E402
 
 # the small backbone, shared by pre-training and evaluation
 BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "16"]
-# SwAV on 32x32 images: 2 x 32 + 4 x 16 crops, few prototypes for 10 classes, no blur
-SWAV = ["--nmb_crops", "2", "4", "--size_crops", "32", "16", "--min_scale_crops", "0.4", "0.1",
-        "--max_scale_crops", "1", "0.4", "--crops_for_assign", "0", "1",
-        "--nmb_prototypes", "30", "--feat_dim", "64", "--hidden_mlp", "512",
-        "--epsilon", "0.05", "--temperature", "0.1", "--batch_size", "64",
-        "--base_lr", "0.6", "--final_lr", "0.0006", "--warmup_epochs", "1",
-        "--freeze_prototypes_niters", "78", "--queue_length", "0", "--wd", "1e-6",
-        "--use_fp16", "true", "--log_freq", "10", "--checkpoint_freq", "1000"]
-EPOCHS = 12
+# 32x32 images: no Gaussian blur (a sigma-2 blur wipes a 32x32 crop out); prototypes well above
+# the feature dimension (with fewer prototypes than dimensions the head can map every crop
+# orthogonally to all prototypes: uniform scores, loss stuck at ln K)
+MULTICROP = ["--nmb_crops", "2", "4", "--size_crops", "32", "16", "--min_scale_crops", "0.4", "0.1",
+             "--max_scale_crops", "1", "0.4", "--crops_for_assign", "0", "1", "--blur", "none"]
+COMMON = ["--batch_size", "64", "--use_fp16", "true", "--log_freq", "10",
+          "--checkpoint_freq", "1000"]
+
+
+class Method(NamedTuple):
+    label: str
+    script: str
+    args: list
+    epochs: int
+    summary: str
+
+
+METHODS = {
+    "swav": Method("SwAV", "main_swav.py", [
+        *MULTICROP, "--nmb_prototypes", "100", "--feat_dim", "32", "--hidden_mlp", "512",
+        "--epsilon", "0.05", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
+        "--warmup_epochs", "1", "--freeze_prototypes_niters", "78", "--queue_length", "0",
+        "--wd", "1e-6"], 12, "2x32 + 4x16 crops, 100 prototypes"),
+    "deepclusterv2": Method("DeepCluster-v2", "main_deepclusterv2.py", [
+        *MULTICROP, "--nmb_prototypes", "100", "100", "100", "--feat_dim", "32",
+        "--hidden_mlp", "512", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
+        "--warmup_epochs", "1", "--wd", "1e-6"], 12, "2x32 + 4x16 crops, 3 x 100 k-means clusters"),
+    "simsiam": Method("SimSiam", "main_simsiam.py", [
+        "--size_crop", "32", "--min_scale_crop", "0.2", "--blur", "none", "--dim", "512",
+        "--pred_dim", "128", "--base_lr", "0.05", "--fix_pred_lr", "true", "--wd", "5e-4"],
+        12, "2 x 32 views, 512-d projector"),
+}
 # evaluation on 32x32 images, no resizing; the linear head trains on features computed once
 SIZES = ["--resize", "32", "--center_crop", "32"]
 LINEAR = ["--cache_features", "true", "--train_crop", "32", "--epochs", "100",
@@ -58,8 +83,8 @@ def run(cmd, log_path, on_line=None):
                  f"{log_path}:\n" + "\n".join(tail))
 
 
-def pretrain(data, dump, epochs, workers, tensorboard):
-    niter = image_count(os.path.join(data, "train")) // int(SWAV[SWAV.index("--batch_size") + 1])
+def pretrain(method, data, dump, epochs, workers, tensorboard):
+    niter = image_count(os.path.join(data, "train")) // int(COMMON[COMMON.index("--batch_size") + 1])
     total = niter * epochs
     start = time.time()
 
@@ -74,9 +99,10 @@ def pretrain(data, dump, epochs, workers, tensorboard):
               f"loss {float(m.group(3)):.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s   ",
               end="", flush=True)
 
-    run(["main_swav.py", "--data_path", os.path.join(data, "train"), "--dump_path", dump,
-         "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard,
-         *BACKBONE, *SWAV], os.path.join(dump, "console.log"), on_line)
+    tb = ["--tensorboard", tensorboard] if method.script == "main_swav.py" else []
+    run([method.script, "--data_path", os.path.join(data, "train"), "--dump_path", dump,
+         "--epochs", str(epochs), "--workers", str(workers), *tb, *BACKBONE, *COMMON,
+         *method.args], os.path.join(dump, "console.log"), on_line)
     print()
     return time.time() - start
 
@@ -99,14 +125,19 @@ def evaluate(data, dump, model_args, workers, tensorboard):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="SwAV demo on embedded Fashion-MNIST")
+    parser = argparse.ArgumentParser(description="self-supervised demo on embedded Fashion-MNIST")
+    parser.add_argument("--method", default="swav", choices=sorted(METHODS),
+                        help="pre-training method (make demo METHOD=...)")
     parser.add_argument("--out", default=os.path.join(ROOT, "demo_run"), help="run folder")
     parser.add_argument("--data", default=os.path.join(ROOT, "demo_data"),
                         help="where the ImageFolder is written")
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="SwAV pre-training epochs")
+    parser.add_argument("--epochs", type=int, default=0,
+                        help="pre-training epochs (0: the method's demo setting)")
     parser.add_argument("--workers", type=int, default=2, help="data loading workers")
     parser.add_argument("--tensorboard", default="true", help="TensorBoard scalars (true/false)")
     args = parser.parse_args(argv)
+    method = METHODS[args.method]
+    epochs = args.epochs or method.epochs
     t0 = time.time()
 
     # 1. the embedded subset as an ImageFolder (train/, val/; 32x32 RGB PNGs)
@@ -114,47 +145,47 @@ def main(argv=None):
     print(f"[1/4] data: {args.data} ({'written, ' + str(n) + ' images' if n else 'up to date'};"
           " Fashion-MNIST subset, 5000 train / 1000 val, 10 classes)")
 
-    # 2. SwAV pre-training; a fresh run each time (old checkpoints would be resumed)
-    swav_dir = os.path.join(args.out, "swav")
-    for sub in ("swav", "untrained", "pixels"):
+    # 2. pre-training; a fresh run each time (old checkpoints would be resumed)
+    run_dir = os.path.join(args.out, args.method)
+    for sub in (args.method, "untrained", "pixels"):
         shutil.rmtree(os.path.join(args.out, sub), ignore_errors=True)
-    os.makedirs(swav_dir)
-    print(f"[2/4] SwAV pre-training: resnet18 (width 16, CIFAR stem), {args.epochs} epochs, "
-          "2x32 + 4x16 crops, 30 prototypes")
-    t_pre = pretrain(args.data, swav_dir, args.epochs, args.workers, args.tensorboard)
-    checkpoint = os.path.join(swav_dir, "checkpoint.pth.tar")
+    os.makedirs(run_dir)
+    print(f"[2/4] {method.label} pre-training: resnet18 (width 16, CIFAR stem), {epochs} epochs, "
+          f"{method.summary}")
+    t_pre = pretrain(method, args.data, run_dir, epochs, args.workers, args.tensorboard)
+    checkpoint = os.path.join(run_dir, "checkpoint.pth.tar")
 
     # 3. the same evaluations of three feature extractors
     print("[3/4] linear (100 epochs on frozen features) and 20-NN evaluation")
     rows = []
     for name, dump, model_args in (
-            ("SwAV (trained)", swav_dir, [*BACKBONE, "--pretrained", checkpoint]),
+            (f"{method.label} (trained)", run_dir, [*BACKBONE, "--pretrained", checkpoint]),
             ("same net, untrained", os.path.join(args.out, "untrained"), BACKBONE),
             ("raw pixels", os.path.join(args.out, "pixels"), ["--arch", "pixels"])):
         linear, knn, seconds = evaluate(args.data, dump, model_args, args.workers,
                                         args.tensorboard)
-        if name.startswith("SwAV"):
+        if dump == run_dir:
             seconds += t_pre
         rows.append((name, linear, knn, seconds))
         print(f"  {name}: linear {linear:.1f}, k-NN {knn:.1f} ({seconds:.0f}s)")
 
     # 4. plot and summary
-    plot = plot_stats.plot(swav_dir)
+    plot = plot_stats.plot(run_dir)
     print("[4/4] results (val top-1 %, 1000 images)\n")
-    print(f"  {'method':<22}{'linear top-1':>13}{'k-NN top-1':>12}{'time':>9}")
+    print(f"  {'method':<26}{'linear top-1':>13}{'k-NN top-1':>12}{'time':>9}")
     for name, linear, knn, seconds in rows:
-        print(f"  {name:<22}{linear:>13.1f}{knn:>12.1f}{seconds:>8.0f}s")
+        print(f"  {name:<26}{linear:>13.1f}{knn:>12.1f}{seconds:>8.0f}s")
     (_, lin_s, knn_s, _), (_, lin_u, knn_u, _), (_, lin_p, knn_p, _) = rows
-    print(f"\n  SwAV - untrained: linear {lin_s - lin_u:+.1f}, k-NN {knn_s - knn_u:+.1f} "
+    print(f"\n  {method.label} - untrained: linear {lin_s - lin_u:+.1f}, k-NN {knn_s - knn_u:+.1f} "
           "(target: >= +3 / >= +5)")
-    print(f"  SwAV - raw pixels: linear {lin_s - lin_p:+.1f}, k-NN {knn_s - knn_p:+.1f} "
+    print(f"  {method.label} - raw pixels: linear {lin_s - lin_p:+.1f}, k-NN {knn_s - knn_p:+.1f} "
           "(target: > 0)")
     print(f"\n  total time {time.time() - t0:.0f}s")
     print(f"  checkpoint: {checkpoint}")
-    print(f"  logs:       {os.path.join(swav_dir, 'train.log')}, eval_linear.log, eval_knn.log")
+    print(f"  logs:       {os.path.join(run_dir, 'train.log')}, eval_linear.log, eval_knn.log")
     print(f"  plot:       {plot}")
     if args.tensorboard.lower() in ("true", "1", "on"):
-        print(f"  tensorboard --logdir {args.out}  (needs `pip install tensorboard`)")
+        print(f"  tensorboard --logdir {args.out}")
 
 
 if __name__ == "__main__":
