@@ -20,6 +20,7 @@ from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset, check_image_folder
 from src.resnet50 import build_backbone
+from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
@@ -303,12 +304,16 @@ def main(args):
     local_memory_index, local_memory_embeddings = memory or init_memory(train_loader, model, args)
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes, name="DeepCluster-v2",
                                         remedies=DEEPCLUSTER_REMEDIES)
-
+    tb = TensorBoard(args)
     for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
         scores, local_memory_index, local_memory_embeddings = train(
             train_loader, model, optimizer, epoch, lr_schedule, local_memory_index,
             local_memory_embeddings, args, scaler=scaler, monitor=monitor, start_iter=start_iter,
             state=state)
+        if state.get("stopped_at") is None:
+            used = (getattr(monitor, "last_summary", None) or {}).get("prototypes_used", [None])[0]
+            tb.scalars(epoch, "deepclusterv2", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                       clusters_in_use=used / args.nmb_prototypes[0] if used is not None else None)
 
         # save checkpoints: every rank's memory bank in the checkpoint and its own mb{rank}.pth;
         # the stats row; mid-epoch if a stop request cut the epoch; requeue and exit
@@ -316,6 +321,7 @@ def main(args):
         end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state,
                   {"memory_bank": banks} if banks is not None else {})
         start_iter, state = 0, {}
+    tb.close()
     return training_stats
 
 

@@ -9,13 +9,14 @@ from src import distributed as du
 from src import preemption
 from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
-from src.engine import (EpochProgress, backward_and_step, build_loader, forward_context,
-                        prepare_model, resume_training_state, run_epochs, save_training_state,
+from src.engine import (EpochProgress, backward_and_step, build_loader, end_epoch,
+                        forward_context, prepare_model, resume_training_state, run_epochs,
                         set_lr, setup_precision)
 from src.multicropdataset import BLURS, check_image_folder
 from src.resnet50 import build_backbone
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
                          normalized_std, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
+from src.tensorboard import TensorBoard
 from src.utils import AverageMeter, bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
@@ -182,19 +183,19 @@ def main(args):
     # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
     start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
 
+    tb = TensorBoard(args)
     for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
         scores = train(train_loader, model, optimizer, epoch, lr_schedule, args, scaler=scaler,
                        start_iter=start_iter, state=state)
-        stopped_at = state.pop("stopped_at", None)  # the epoch was cut by a stop request
-        if stopped_at is None:
-            training_stats.update(scores)
+        if state.get("stopped_at") is None:  # a whole epoch (not cut by a stop request)
             if args.rank == 0:
                 log_collapse(scores[2], args.dim, epoch)
-        save_training_state(args, epoch, model, optimizer, scaler,
-                            {"epoch_state": state} if stopped_at else None, start_iter=stopped_at)
-        if preemption.should_stop() and (stopped_at or epoch + 1 < args.epochs):
-            preemption.exit_after_checkpoint(args)  # requeues under Slurm; raises SystemExit
+            tb.scalars(epoch, "simsiam", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                       z_std=scores[2], z_std_no_collapse=no_collapse_std(args.dim))
+        # stats row; checkpoint (mid-epoch if cut); requeue and exit after a stop request
+        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state)
         start_iter, state = 0, {}
+    tb.close()
     return training_stats
 
 

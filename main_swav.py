@@ -22,7 +22,7 @@ from src.multicropdataset import MultiCropDataset, check_image_folder
 from src.resnet50 import build_backbone
 from src.sinkhorn import distributed_sinkhorn
 from src.tensorboard import TensorBoard
-from src.utils import bool_flag, fix_random_seeds, initialize_exp
+from src.utils import fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -70,9 +70,6 @@ def get_args_parser():
     add_backbone_args(parser)
     parser.add_argument("--hidden_mlp", default=2048, type=int,
                         help="hidden layer dimension in projection head")
-    parser.add_argument("--tensorboard", type=bool_flag, default=False,
-                        help="write loss, lr and prototype use under dump_path/tb (rank 0; "
-                             "needs the tensorboard package)")
     add_run_args(parser)
     return parser
 

@@ -128,6 +128,9 @@ def add_run_args(parser):
                         help="resume from this checkpoint (an error if it does not load); by "
                              "default dump_path/checkpoint.pth.tar, or when it is corrupt the "
                              "newest loadable checkpoints/ckp-N.pth")
+    parser.add_argument("--tensorboard", type=bool_flag, default=False,
+                        help="also write the per-epoch scalars (loss, lr, the method's collapse "
+                             "metric) under dump_path/tb (rank 0; needs the tensorboard package)")
     parser.add_argument("--max_nonfinite_steps", type=int, default=20,
                         help="fp16 loss scaler: stop after this many consecutive steps skipped "
                              "for inf/NaN (without a scaler the first one stops the run)")

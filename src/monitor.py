@@ -190,7 +190,7 @@ class CollapseMonitor:
             logger.info(f"collapse monitor{ep}: loss = {summary['loss_over_ln_k']:.3f} ln(K) "
                         f"(ln K = {self.ln_k:.3f}); {ent_txt}prototypes used {used}")
         self._reset_epoch()
-        self.last_summary = summary  # for TensorBoard (main_swav --tensorboard)
+        self.last_summary = summary  # for TensorBoard (--tensorboard)
         return summary
 
 

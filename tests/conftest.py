@@ -46,3 +46,11 @@ def tiny_swav_argv(data, dump, extra=()):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (tests/test_gpu.py)")
+
+
+def tensorboard_scalars(logdir):
+    """{tag: [values by step]} from the TensorBoard event files under `logdir`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(logdir)
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}

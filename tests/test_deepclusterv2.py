@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import main_deepclusterv2 as dc
-from conftest import ROOT, tiny_swav_argv
+from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
 from src import preemption
 from src.checkpoint import CheckpointError
 from src.engine import build_larc_sgd, build_loader, build_lr_schedule
@@ -189,7 +189,7 @@ def test_train_epoch_equals_the_originals(image_folder):
 def test_two_epochs_then_exact_resume_from_epoch_and_mid_epoch(image_folder, tmp_path,
                                                                monkeypatch):
     ref = str(tmp_path / "ref")
-    _main(_argv(image_folder, ref))
+    _main(_argv(image_folder, ref, ["--tensorboard", "true"]))
     for f in ["checkpoint.pth.tar", "checkpoints/ckp-0.pth", "checkpoints/ckp-1.pth",
               "mb0.pth", "stats0.pkl", "train.log", "params.pkl"]:
         assert os.path.isfile(os.path.join(ref, f)), f
@@ -198,6 +198,9 @@ def test_two_epochs_then_exact_resume_from_epoch_and_mid_epoch(image_folder, tmp
     mb = _load(ref, "mb0.pth")
     assert torch.equal(mb["local_memory_embeddings"], expected["memory_bank"]["embeddings"][0])
     assert sorted(mb["local_memory_index"].tolist()) == list(range(24))
+    scalars = tensorboard_scalars(os.path.join(ref, "tb"))
+    assert len(scalars["deepclusterv2/loss"]) == 2
+    assert 0 < scalars["deepclusterv2/clusters_in_use"][-1] <= 1
     log = open(os.path.join(ref, "train.log")).read()
     assert "k-means head 2 (K=4, memory bank 0):" in log and "largest cluster" in log
     assert list(pd.read_pickle(os.path.join(ref, "stats0.pkl"))["epoch"]) == [0, 1]

@@ -16,7 +16,7 @@ import torchvision.transforms as T
 from PIL import Image
 
 import main_simsiam
-from conftest import ROOT
+from conftest import ROOT, tensorboard_scalars
 from src.cli import run_main
 from src.pretrained import load_pretrained
 from src.resnet50 import resnet18
@@ -223,7 +223,7 @@ def two_epoch_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("simsiam")
     data = make_image_folder(str(root / "data"))
     dump = str(root / "run")
-    stats = main_simsiam.main(_parse(_tiny_argv(data, dump)))
+    stats = main_simsiam.main(_parse(_tiny_argv(data, dump) + ["--tensorboard", "true"]))
     return data, dump, stats
 
 
@@ -240,6 +240,9 @@ def test_two_epochs_one_process(two_epoch_run):
     assert frame["loss"].between(-1, 1).all() and (frame["z_std"] > 0).all()
     log = open(os.path.join(dump, "train.log")).read()
     assert "std of normalised projector outputs" in log and "1/sqrt(32) = 0.1768" in log
+    scalars = tensorboard_scalars(os.path.join(dump, "tb"))
+    assert scalars["simsiam/z_std"] == pytest.approx(list(frame["z_std"]))
+    assert scalars["simsiam/z_std_no_collapse"] == pytest.approx([0.1768] * 2, abs=1e-4)
 
 
 def test_checkpoint_backbone_loads_like_swav(two_epoch_run):

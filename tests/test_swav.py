@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import main_swav
-from conftest import ROOT, tiny_swav_argv
+from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
 from src.lars import LARC
 from src.resnet50 import resnet18
 
@@ -194,13 +194,20 @@ def test_torchrun_two_processes(image_folder, tmp_path):
     dump = str(tmp_path / "ddp")
     r = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
               "main_swav.py", *tiny_swav_argv(image_folder, dump, ["--queue_length", "16",
-                                                                   "--epoch_queue_starts", "1"])])
+                                                                   "--epoch_queue_starts", "1",
+                                                                   "--tensorboard", "true"])])
     assert r.returncode == 0, r.stderr[-3000:]
     for f in ["checkpoint.pth.tar", "stats0.pkl", "stats1.pkl", "train.log", "train.log-1",
               "queue0.pth", "queue1.pth"]:
         assert os.path.isfile(os.path.join(dump, f)), f
     ckp = torch.load(os.path.join(dump, "checkpoint.pth.tar"), weights_only=True)
     assert ckp["epoch"] == 2 and ckp["queue"].shape == (2, 2, 8, 16)  # [world, crops, len/world, dim]
+    # --tensorboard: rank 0 alone writes one event file with the per-epoch scalars
+    events = [f for _, _, files in os.walk(os.path.join(dump, "tb")) for f in files]
+    assert len(events) == 1 and events[0].startswith("events.out.tfevents")
+    scalars = tensorboard_scalars(os.path.join(dump, "tb"))
+    assert {"swav/loss", "swav/lr", "swav/prototypes_in_use"} <= set(scalars)
+    assert len(scalars["swav/loss"]) == 2 and 0 < scalars["swav/prototypes_in_use"][-1] <= 1
 
 
 @pytest.mark.parametrize("extra,message", [
