@@ -26,11 +26,13 @@ import plot_stats  # noqa: E402
 
 # the small backbone, shared by pre-training and evaluation
 BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "16"]
-# 32x32 images: no Gaussian blur (a sigma-2 blur wipes a 32x32 crop out); prototypes well above
-# the feature dimension (with fewer prototypes than dimensions the head can map every crop
-# orthogonally to all prototypes: uniform scores, loss stuck at ln K)
-MULTICROP = ["--nmb_crops", "2", "4", "--size_crops", "32", "16", "--min_scale_crops", "0.4", "0.1",
-             "--max_scale_crops", "1", "0.4", "--crops_for_assign", "0", "1", "--blur", "none"]
+# 32x32 images (tuned on this data, see README "Demo"): two 32x32 crops of scale 0.2-1 and no
+# Gaussian blur (a sigma-2 blur wipes out a 32x32 crop; 16x16 multi-crops made the features worse
+# in this budget); prototypes well above the feature dimension (with fewer prototypes than
+# dimensions the head can map every crop orthogonally to all of them: uniform scores, loss stuck
+# at ln K)
+CROPS = ["--nmb_crops", "2", "--size_crops", "32", "--min_scale_crops", "0.2",
+         "--max_scale_crops", "1", "--crops_for_assign", "0", "1", "--blur", "none"]
 COMMON = ["--batch_size", "64", "--use_fp16", "true", "--log_freq", "10",
           "--checkpoint_freq", "1000"]
 
@@ -45,18 +47,18 @@ class Method(NamedTuple):
 
 METHODS = {
     "swav": Method("SwAV", "main_swav.py", [
-        *MULTICROP, "--nmb_prototypes", "100", "--feat_dim", "32", "--hidden_mlp", "512",
+        *CROPS, "--nmb_prototypes", "100", "--feat_dim", "32", "--hidden_mlp", "512",
         "--epsilon", "0.05", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
         "--warmup_epochs", "1", "--freeze_prototypes_niters", "78", "--queue_length", "0",
-        "--wd", "1e-6"], 12, "2x32 + 4x16 crops, 100 prototypes"),
+        "--wd", "1e-6"], 30, "2 x 32x32 crops, 100 prototypes"),
     "deepclusterv2": Method("DeepCluster-v2", "main_deepclusterv2.py", [
-        *MULTICROP, "--nmb_prototypes", "100", "100", "100", "--feat_dim", "32",
+        *CROPS, "--nmb_prototypes", "100", "100", "100", "--feat_dim", "32",
         "--hidden_mlp", "512", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
-        "--warmup_epochs", "1", "--wd", "1e-6"], 12, "2x32 + 4x16 crops, 3 x 100 k-means clusters"),
+        "--warmup_epochs", "1", "--wd", "1e-6"], 30, "2 x 32x32 crops, 3 x 100 k-means clusters"),
     "simsiam": Method("SimSiam", "main_simsiam.py", [
         "--size_crop", "32", "--min_scale_crop", "0.2", "--blur", "none", "--dim", "512",
-        "--pred_dim", "128", "--base_lr", "0.05", "--fix_pred_lr", "true", "--wd", "5e-4"],
-        12, "2 x 32 views, 512-d projector"),
+        "--pred_dim", "128", "--base_lr", "0.2", "--fix_pred_lr", "true", "--wd", "5e-4"],
+        30, "2 x 32x32 views, 512-d projector"),
 }
 # evaluation on 32x32 images, no resizing; the linear head trains on features computed once
 SIZES = ["--resize", "32", "--center_crop", "32"]
@@ -99,9 +101,8 @@ def pretrain(method, data, dump, epochs, workers, tensorboard):
               f"loss {float(m.group(3)):.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s   ",
               end="", flush=True)
 
-    tb = ["--tensorboard", tensorboard] if method.script == "main_swav.py" else []
     run([method.script, "--data_path", os.path.join(data, "train"), "--dump_path", dump,
-         "--epochs", str(epochs), "--workers", str(workers), *tb, *BACKBONE, *COMMON,
+         "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard, *BACKBONE, *COMMON,
          *method.args], os.path.join(dump, "console.log"), on_line)
     print()
     return time.time() - start
