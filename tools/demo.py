@@ -48,7 +48,7 @@ class Method(NamedTuple):
 METHODS = {
     "swav": Method("SwAV", "main_swav.py", [
         *CROPS, "--nmb_prototypes", "100", "--feat_dim", "32", "--hidden_mlp", "512",
-        "--epsilon", "0.05", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
+        "--epsilon", "0.05", "--temperature", "0.2", "--base_lr", "0.6", "--final_lr", "0.0006",
         "--warmup_epochs", "1", "--freeze_prototypes_niters", "78", "--queue_length", "0",
         "--wd", "1e-6"], 30, "2 x 32x32 crops, 100 prototypes"),
     "deepclusterv2": Method("DeepCluster-v2", "main_deepclusterv2.py", [
