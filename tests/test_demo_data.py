@@ -15,6 +15,7 @@ from conftest import ROOT
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_demo_data  # noqa: E402
 import plot_stats  # noqa: E402
+import demo  # noqa: E402
 
 
 def test_shipped_subset_is_stratified_uint8_and_small():
@@ -113,3 +114,17 @@ def test_plot_stats_writes_a_png(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(FileNotFoundError):
         plot_stats.plot(str(tmp_path))
+
+
+def test_demo_methods_and_progress_line():
+    """Every method's demo command parses with its script's own parser; the progress line is
+    read for SwAV's positive and SimSiam's negative losses."""
+    import importlib
+    for name, method in demo.METHODS.items():
+        module = importlib.import_module(method.script[:-3])
+        args = module.get_args_parser().parse_args(
+            ["--data_path", "d", "--dump_path", "r", *demo.BACKBONE, *demo.COMMON, *method.args])
+        assert args.batch_size == 64 and args.width == 16, name
+    line = "Epoch: [{}][20]\tTime 0.132 (0.141)\tData 0.007 (0.004)\tLoss {} ({})\tLr: 0.0352"
+    assert demo.PROGRESS.search(line.format(11, -0.812, -0.7852)).groups() == ("11", "20", "-0.7852")
+    assert demo.PROGRESS.search(line.format(1, 3.812, 3.7852)).groups() == ("1", "20", "3.7852")

@@ -66,7 +66,7 @@ LINEAR = ["--cache_features", "true", "--train_crop", "32", "--epochs", "100",
           "--batch_size", "256", "--lr", "0.03", "--wd", "1e-6", "--log_freq", "1000"]
 KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
 
-PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss [\d.]+ \(([\d.]+)\)")
+PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss -?[\d.]+ \((-?[\d.]+)\)")
 
 
 def run(cmd, log_path, on_line=None):
