@@ -13,9 +13,8 @@ from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.evaluation import (ShardSampler, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
-                            eval_paths, eval_transforms, extract_features, knn_classify)
-from src.tensorboard import TensorBoard
-from src.utils import accuracy, fix_random_seeds, initialize_exp
+                            eval_transforms, extract_features, knn_classify, start_eval)
+from src.utils import accuracy
 
 logger = logging.getLogger()
 
@@ -42,15 +41,10 @@ def get_args_parser():
 
 
 def main(args):
-    du.init_distributed_mode(args)
-    fix_random_seeds(args.seed)
     if args.temperature <= 0 or min(args.nb_knn) < 1:
         raise ValueError("--temperature must be > 0 and --nb_knn >= 1")
-    paths = eval_paths(args, "eval_knn")
-    _, stats = initialize_exp(args, "k", "temperature", "top1", "top5", stats_name=paths["stats"],
-                              log_name=paths["log"], params_name=paths["params"])
+    paths, stats, tb = start_eval(args, "eval_knn", ("k", "temperature", "top1", "top5"))
     stats.truncate(0)  # one run per file: this run's results only
-    tb = TensorBoard(args, "eval_knn")
 
     # train/ and val/ with the validation transform: no augmentation
     _, val_tf = eval_transforms(args)

@@ -13,15 +13,13 @@ import os
 
 import torch
 
-from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
 from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
-                            eval_paths, eval_scaler, eval_transforms, extract_features, fit,
-                            frozen_forward, shard_loader, tensor_loaders)
-from src.tensorboard import TensorBoard
-from src.utils import bool_flag, fix_random_seeds, initialize_exp
+                            eval_scaler, eval_transforms, extract_features, fit, frozen_forward,
+                            shard_loader, start_eval, tensor_loaders)
+from src.utils import bool_flag
 
 logger = logging.getLogger()
 
@@ -85,13 +83,7 @@ def build_scheduler(optimizer, args):
 
 
 def main(args):
-    du.init_distributed_mode(args)
-    fix_random_seeds(args.seed)
-    paths = eval_paths(args, "eval_linear")
-    _, training_stats = initialize_exp(
-        args, "epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val",
-        stats_name=paths["stats"], log_name=paths["log"], params_name=paths["params"])
-    tb = TensorBoard(args, "eval_linear")
+    paths, training_stats, tb = start_eval(args, "eval_linear")
 
     # build data
     train_tf, val_tf = eval_transforms(args)

@@ -15,16 +15,13 @@ import os
 
 import torch
 
-from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
 from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
-                            build_eval_datasets, eval_paths, eval_scaler, eval_transforms, fit,
+                            build_eval_datasets, eval_scaler, eval_transforms, fit,
                             forward_autocast, load_backbone_weights, read_subset_file,
-                            shard_loader, stratified_subset)
+                            shard_loader, start_eval, stratified_subset)
 from src.resnet50 import build_backbone
-from src.tensorboard import TensorBoard
-from src.utils import fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -98,13 +95,7 @@ def labelled_train_set(args, train_dataset):
 
 
 def main(args):
-    du.init_distributed_mode(args)
-    fix_random_seeds(args.seed)
-    paths = eval_paths(args, "eval_semisup")
-    _, training_stats = initialize_exp(
-        args, "epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val",
-        stats_name=paths["stats"], log_name=paths["log"], params_name=paths["params"])
-    tb = TensorBoard(args, "eval_semisup")
+    paths, training_stats, tb = start_eval(args, "eval_semisup")
 
     # build data: the labelled part of train/, and val/
     train_tf, val_tf = eval_transforms(args)

@@ -311,9 +311,8 @@ def main(args):
             local_memory_embeddings, args, scaler=scaler, monitor=monitor, start_iter=start_iter,
             state=state)
         if state.get("stopped_at") is None:
-            used = (getattr(monitor, "last_summary", None) or {}).get("prototypes_used", [None])[0]
             tb.scalars(epoch, "deepclusterv2", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
-                       clusters_in_use=used / args.nmb_prototypes[0] if used is not None else None)
+                       clusters_in_use=monitor.share_in_use())
 
         # save checkpoints: every rank's memory bank in the checkpoint and its own mb{rank}.pth;
         # the stats row; mid-epoch if a stop request cut the epoch; requeue and exit

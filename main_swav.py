@@ -238,10 +238,8 @@ def main(args):
 
         scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
                               scaler=scaler, monitor=monitor, start_iter=start_iter, state=state)
-        summary = getattr(monitor, "last_summary", None) or {}
-        used = summary.get("prototypes_used", [None])[0]
         tb.scalars(epoch, "swav", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
-                   prototypes_in_use=used / args.nmb_prototypes if used is not None else None)
+                   prototypes_in_use=monitor.share_in_use())
 
         # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
         # original, in a per-rank queue file)

@@ -26,7 +26,8 @@ from .checkpoint import CheckpointError, atomic_save, model_state_dict, restart_
 from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
-from .utils import AverageMeter, accuracy, bool_flag
+from .tensorboard import TensorBoard
+from .utils import AverageMeter, accuracy, bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -449,10 +450,24 @@ def validate(forward, modules, loader, args):
 
 
 # ----------------------------------------------------------------------------- checkpoints
+SUPERVISED_COLUMNS = ("epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val")
+
+
 def eval_paths(args, name):
     """The evaluation's own files in dump_path, apart from a pre-training run's."""
     return {"checkpoint": os.path.join(args.dump_path, f"checkpoint_{name}.pth.tar"),
             "stats": f"stats_{name}", "log": f"{name}.log", "params": f"params_{name}.pkl"}
+
+
+def start_eval(args, name, columns=SUPERVISED_COLUMNS):
+    """Start-up shared by the evaluations: process group, seeds, the evaluation's own log,
+    params and stats files (`name`), TensorBoard. Returns (paths, stats, tensorboard)."""
+    du.init_distributed_mode(args)
+    fix_random_seeds(args.seed)
+    paths = eval_paths(args, name)
+    _, stats = initialize_exp(args, *columns, stats_name=paths["stats"], log_name=paths["log"],
+                              params_name=paths["params"])
+    return paths, stats, TensorBoard(args, name)
 
 
 def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args):

@@ -80,6 +80,7 @@ class CollapseMonitor:
         self.device = torch.device("cpu")  # where the statistics live (the collectives' device)
         self.collapsed_at = None     # iteration of the first detection on this rank
         self.warned = False
+        self.last_summary = None     # the last epoch_summary() (TensorBoard reads it)
         self._reset_epoch()
 
     @classmethod
@@ -192,6 +193,11 @@ class CollapseMonitor:
         self._reset_epoch()
         self.last_summary = summary  # for TensorBoard (--tensorboard)
         return summary
+
+    def share_in_use(self):
+        """Share of the (first head's) prototypes used in the last summarised epoch, or None."""
+        summary = self.last_summary
+        return summary["prototypes_used"][0] / self.ks[0] if summary else None
 
 
 def _as_list(x):

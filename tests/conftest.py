@@ -30,6 +30,30 @@ def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
     return root
 
 
+def make_split_folder(root, train_per_class, val_per_class, extra_val=False):
+    """root/train and root/val of 3 classes (20x20); `extra_val`: one more val image in class_0,
+    so that val does not split evenly over 2 ranks."""
+    make_image_folder(os.path.join(root, "train"), classes=3, per_class=train_per_class, size=20,
+                      seed=0)
+    make_image_folder(os.path.join(root, "val"), classes=3, per_class=val_per_class, size=20, seed=1)
+    if extra_val:
+        make_image_folder(os.path.join(root, "extra"), classes=1, per_class=1, size=20, seed=2)
+        os.rename(os.path.join(root, "extra", "class_0", "img_0.jpg"),
+                  os.path.join(root, "val", "class_0", "extra.jpg"))
+    return str(root)
+
+
+def randomize_bn(model):
+    """Random BN affine parameters and statistics too (convs keep their random init)."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith(("running_mean", "bias")):
+                t.normal_(0, 0.1)
+            elif t.is_floating_point() and t.ndim == 1:
+                t.uniform_(0.5, 1.5)
+    return model
+
+
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(str(tmp_path / "data"))

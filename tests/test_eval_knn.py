@@ -1,6 +1,5 @@
 """eval_knn.py: the weighted k-NN classifier's math, and short runs in one process and under
 torchrun (same numbers: features are gathered in dataset order, each val image counted once)."""
-import os
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_split_folder
 
 import eval_knn
 from src.evaluation import knn_classify
@@ -56,12 +55,7 @@ def test_knn_matches_a_direct_implementation():
 @pytest.fixture
 def split_folder(tmp_path):
     """train/ 3 classes x 7 (odd), val/ 3 classes x 3 + 1 extra: uneven shards over 2 ranks."""
-    root = tmp_path / "data"
-    make_image_folder(str(root / "train"), classes=3, per_class=7, size=20, seed=0)
-    make_image_folder(str(root / "val"), classes=3, per_class=3, size=20, seed=1)
-    make_image_folder(str(root / "val_extra"), classes=1, per_class=1, size=20, seed=2)
-    os.rename(root / "val_extra" / "class_0" / "img_0.jpg", root / "val" / "class_0" / "extra.jpg")
-    return str(root)
+    return make_split_folder(tmp_path / "data", 7, 3, extra_val=True)
 
 
 def knn_argv(data, dump, extra=()):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_image_folder, make_split_folder
 
 import eval_linear
 from eval_linear import RegLog
@@ -144,12 +144,7 @@ def test_cli_errors_are_one_line(tmp_path):
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory):
     """train/ 3 x 8 images; val/ 13 images (odd: a padded sampler would count 14)."""
-    root = tmp_path_factory.mktemp("lin") / "data"
-    make_image_folder(str(root / "train"), classes=3, per_class=8, size=20, seed=0)
-    make_image_folder(str(root / "val"), classes=3, per_class=4, size=20, seed=1)
-    make_image_folder(str(root / "extra"), classes=1, per_class=1, size=20, seed=2)
-    os.rename(root / "extra" / "class_0" / "img_0.jpg", root / "val" / "class_0" / "extra.jpg")
-    return str(root)
+    return make_split_folder(tmp_path_factory.mktemp("lin") / "data", 8, 4, extra_val=True)
 
 
 def linear_argv(data, dump, extra=()):

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, make_image_folder
+from conftest import ROOT, make_split_folder
 
 import eval_semisup
 from src.evaluation import eval_scaler, read_subset_file, stratified_subset, train_epoch
@@ -61,10 +61,7 @@ def test_subset_file_formats_and_errors(tmp_path):
 
 @pytest.fixture(scope="module")
 def split_folder(tmp_path_factory):
-    root = tmp_path_factory.mktemp("semi") / "data"
-    make_image_folder(str(root / "train"), classes=3, per_class=8, size=20, seed=0)
-    make_image_folder(str(root / "val"), classes=3, per_class=3, size=20, seed=1)
-    return str(root)
+    return make_split_folder(tmp_path_factory.mktemp("semi") / "data", 8, 3)
 
 
 def semisup_argv(data, dump, extra=()):

@@ -11,6 +11,8 @@ import torch.nn as nn
 import torchvision
 from safetensors import safe_open
 
+from conftest import randomize_bn
+
 from src.checkpoint import CheckpointError, add_module_prefix
 from src.resnet50 import resnet18, resnet50, resnet50w2
 
@@ -21,22 +23,11 @@ export_backbone = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(export_backbone)
 
 
-def randomize(model):
-    """Random BN affine parameters and statistics too (convs keep their random init)."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith(("running_mean", "bias")):
-                t.normal_(0, 0.1)
-            elif t.is_floating_point() and t.ndim == 1:
-                t.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def swav_rn50(tmp_path_factory):
     """Our ResNet-50 (eval mode) and its weights in the released format (heads included)."""
     torch.manual_seed(0)
-    model = randomize(resnet50(output_dim=16, hidden_mlp=32, nmb_prototypes=10)).eval()
+    model = randomize_bn(resnet50(output_dim=16, hidden_mlp=32, nmb_prototypes=10)).eval()
     path = str(tmp_path_factory.mktemp("export") / "swav_rn50.pth.tar")
     torch.save(add_module_prefix(model.state_dict()), path)
     return model, path
@@ -89,7 +80,7 @@ def test_timm_export_loads_strictly_and_gives_our_features(swav_rn50, timm_expor
 def test_classifier_is_exported_as_fc(batch, tmp_path):
     # a ResNet-18 (the same code path as ResNet-50, half the cost) in our training format
     torch.manual_seed(0)
-    model = randomize(resnet18()).eval()
+    model = randomize_bn(resnet18()).eval()
     src = str(tmp_path / "checkpoint.pth.tar")
     torch.save({"epoch": 1, "state_dict": add_module_prefix(model.state_dict())}, src)
     w, b = torch.randn(10, 512) * 0.01, torch.randn(10)

@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from conftest import randomize_bn
+
 from src.checkpoint import CheckpointError, add_module_prefix
 from src.pretrained import HUB_ALIASES, RELEASES, Release
 from src.resnet50 import resnet18, resnet50
@@ -70,22 +72,11 @@ def server(tmp_path, monkeypatch):
     s.close()
 
 
-def randomize(model):
-    """Random BN affine parameters and statistics too (convs keep their random init)."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if name.endswith(("running_mean", "bias")):
-                t.normal_(0, 0.1)
-            elif t.is_floating_point() and t.ndim == 1:
-                t.uniform_(0.5, 1.5)
-    return model
-
-
 @pytest.fixture(scope="module")
 def released_rn50():
     """A file in the released format: flat, `module.`-prefixed, projection head and prototypes."""
     torch.manual_seed(0)
-    model = randomize(resnet50(output_dim=16, hidden_mlp=32, nmb_prototypes=10))
+    model = randomize_bn(resnet50(output_dim=16, hidden_mlp=32, nmb_prototypes=10))
     return add_module_prefix(model.state_dict())
 
 
@@ -195,7 +186,7 @@ def test_wide_entries_load_heads_when_built_with_them(tmp_path, monkeypatch):
                         Release("resnet18", "SwAV", 1, 8, "2x32", 0.0, "tiny.pth"))
     kwargs = dict(width=8, cifar_stem=True, output_dim=16, hidden_mlp=32, nmb_prototypes=10)
     torch.manual_seed(0)
-    source = randomize(resnet18(**kwargs))
+    source = randomize_bn(resnet18(**kwargs))
     torch.save(add_module_prefix(source.state_dict()), tmp_path / "tiny.pth")
     model = hub._entry("tiny", "tiny")(weights=str(tmp_path / "tiny.pth"), **kwargs)
     for k, v in source.state_dict().items():
