@@ -28,6 +28,7 @@ swav_launch main_deepclusterv2.py \
     --min_scale_crops 0.08 \
     --max_scale_crops 1. \
     --crops_for_assign 0 1 \
+    --blur opencv \
     --temperature 0.1 \
     --feat_dim 128 \
     --nmb_prototypes 3000 3000 3000 \

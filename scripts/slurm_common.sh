@@ -80,10 +80,19 @@ swav_launch() {
 
     EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${SLURM_JOB_NAME:-swav}}
     mkdir -p "$EXPERIMENT_PATH" || swav_die "cannot create EXPERIMENT_PATH=$EXPERIMENT_PATH"
-    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n1)}
+    MASTER_ADDR=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n1)}
+    # no fallback to this host: on many nodes the others would wait for a rendezvous that never comes
+    [ -n "$MASTER_ADDR" ] || swav_die "cannot name the first node of the allocation" \
+        "(scontrol show hostnames '${SLURM_JOB_NODELIST:-}' gave nothing): set MASTER_ADDR"
     MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
     local python=${PYTHON:-python3}
+    # one loader worker per CPU of the task but one (the training loop's own); the original asked
+    # for 10 workers (its default) on 8 CPUs. A --workers among the flags wins: it comes later.
+    local workers=()
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
+        workers=(--workers "$((SLURM_CPUS_PER_TASK > 1 ? SLURM_CPUS_PER_TASK - 1 : 1))")
+    fi
 
     echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-1} tasks on" \
         "${SLURM_JOB_NUM_NODES:-1} node(s) $SLURM_JOB_NODELIST, rendezvous $MASTER_ADDR:$MASTER_PORT," \
@@ -95,7 +104,8 @@ swav_launch() {
     srun --label --kill-on-bad-exit=1 --open-mode=append \
         --output="$EXPERIMENT_PATH/%j.out" --error="$EXPERIMENT_PATH/%j.err" \
         ${SLURM_CPUS_PER_TASK:+--cpus-per-task="$SLURM_CPUS_PER_TASK"} \
-        "$python" -u "$SWAV_ROOT/$entry" --data_path "$DATASET_PATH" --dump_path "$EXPERIMENT_PATH" "$@"
+        "$python" -u "$SWAV_ROOT/$entry" --data_path "$DATASET_PATH" --dump_path "$EXPERIMENT_PATH" \
+        "${workers[@]}" "$@"
     local status=$?
     echo "job $SLURM_JOB_ID: srun exited with status $status"
     return "$status"

@@ -21,7 +21,8 @@ MC6 = {"nmb_crops": [2, 6], "size_crops": [224, 96], "min_scale_crops": [0.14, 0
        "max_scale_crops": [1.0, 0.14]}
 MC2 = {"nmb_crops": [2], "size_crops": [224], "min_scale_crops": [0.08], "max_scale_crops": [1.0]}
 SWAV = {"temperature": 0.1, "epsilon": 0.05, "sinkhorn_iterations": 3, "feat_dim": 128,
-        "nmb_prototypes": 3000, "wd": 1e-6, "crops_for_assign": [0, 1], "use_fp16": True}
+        "nmb_prototypes": 3000, "wd": 1e-6, "crops_for_assign": [0, 1], "use_fp16": True,
+        "blur": "opencv"}  # the published runs' blur (the original's --use_pil_blur false)
 BS4096 = {"batch_size": 64, "base_lr": 4.8, "final_lr": 0.0048, "warmup_epochs": 10,
           "start_warmup": 0.3, "freeze_prototypes_niters": 313, "queue_length": 0,
           "arch": "resnet50", "sync_bn": "apex", "hidden_mlp": 2048}
@@ -29,7 +30,8 @@ BS256 = {"batch_size": 64, "base_lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 
          "freeze_prototypes_niters": 5005, "queue_length": 3840, "epoch_queue_starts": 15,
          "arch": "resnet50", "sync_bn": "pytorch"}
 DCV2 = {"temperature": 0.1, "feat_dim": 128, "nmb_prototypes": [3000, 3000, 3000], "wd": 1e-6,
-        "crops_for_assign": [0, 1], "batch_size": 64, "base_lr": 4.8, "final_lr": 0.0048,
+        "crops_for_assign": [0, 1], "blur": "opencv", "batch_size": 64, "base_lr": 4.8,
+        "final_lr": 0.0048,
         "warmup_epochs": 10, "start_warmup": 0.3, "freeze_prototypes_niters": 300000,
         "arch": "resnet50", "sync_bn": "apex", "use_fp16": False}
 
@@ -51,16 +53,16 @@ ROWS = {
                                   {**MC2, **SWAV, **BS4096, "epochs": 400}),
     "swav_RN50w2_400ep_pretrain": ("main_swav.py", 16, 8, 10, "72:00:00", 4096, {
         **SWAV, **BS4096, "nmb_crops": [2, 4], "size_crops": [224, 96],
-        "min_scale_crops": [0.14, 0.05], "max_scale_crops": [1.0, 0.14], "blur": "opencv",
+        "min_scale_crops": [0.14, 0.05], "max_scale_crops": [1.0, 0.14],
         "batch_size": 32, "epochs": 400, "arch": "resnet50w2", "hidden_mlp": 8192}),
     "swav_RN50w4_400ep_pretrain": ("main_swav.py", 8, 8, 10, "72:00:00", 2560, {
         **SWAV, **BS4096, "nmb_crops": [2, 4], "size_crops": [224, 96],
-        "min_scale_crops": [0.08, 0.08], "max_scale_crops": [1.0, 0.14], "blur": "opencv",
+        "min_scale_crops": [0.08, 0.08], "max_scale_crops": [1.0, 0.14],
         "batch_size": 40, "epochs": 400, "arch": "resnet50w4", "hidden_mlp": 8192,
         "queue_length": 2560, "epoch_queue_starts": 0}),
     "swav_RN50w5_400ep_pretrain": ("main_swav.py", 16, 8, 10, "72:00:00", 1536, {
         **SWAV, **BS4096, "nmb_crops": [2, 4], "size_crops": [224, 96],
-        "min_scale_crops": [0.14, 0.05], "max_scale_crops": [1.0, 0.14], "blur": "pil",
+        "min_scale_crops": [0.14, 0.05], "max_scale_crops": [1.0, 0.14],
         "batch_size": 12, "epochs": 400, "arch": "resnet50w5", "hidden_mlp": 10240,
         "queue_length": 1536, "epoch_queue_starts": 0, "final_lr": 0.0, "start_warmup": 0.1875}),
     "deepclusterv2_800ep_pretrain": ("main_deepclusterv2.py", 8, 8, 8, "40:00:00", 4096,
@@ -144,6 +146,7 @@ def _fake_slurm_bin(tmp_path):
         "exit ${FAKE_SRUN_STATUS:-0}\n")
     (bin_dir / "scontrol").write_text(
         "#!/bin/bash\n"
+        '[ -n "${FAKE_SCONTROL_FAIL:-}" ] && { echo "scontrol: error: no controller" >&2; exit 1; }\n'
         '[ "$1 $2" = "show hostnames" ] && printf "gpu-node-07\\ngpu-node-08\\n"\n')
     for f in bin_dir.iterdir():
         f.chmod(f.stat().st_mode | stat.S_IEXEC)
@@ -184,6 +187,17 @@ def test_srun_line_rendezvous_and_overrides(tmp_path):
     assert "(restart 0)" in r.stdout and (tmp_path / "exp").is_dir()
 
 
+@pytest.mark.parametrize("cpus,flags,workers", [("8", [], 7), ("1", [], 1),
+                                                  ("8", ["--workers", "3"], 3), (None, [], 10)])
+def test_loader_workers_fit_the_cpus_of_a_task(tmp_path, cpus, flags, workers):
+    # the original asked for 10 workers (its default) on 8 CPUs per task
+    r = _run_script(tmp_path, "swav_800ep_pretrain", *flags, SLURM_CPUS_PER_TASK=cpus)
+    assert r.returncode == 0, r.stderr
+    argv = (tmp_path / "argv").read_text().split("\n")[:-1]
+    py = argv.index("python3")
+    assert main_swav.get_args_parser().parse_args(argv[py + 3:]).workers == workers
+
+
 def test_env_overrides_master_and_status_is_srun_status(tmp_path):
     r = _run_script(tmp_path, "swav_800ep_pretrain", MASTER_ADDR="10.0.0.9", MASTER_PORT="4242",
                     SLURM_TASKS_PER_NODE="8(x2)", SLURM_GPUS_ON_NODE="8", FAKE_SRUN_STATUS="3")
@@ -198,6 +212,7 @@ def test_env_overrides_master_and_status_is_srun_status(tmp_path):
     ({"SLURM_TASKS_PER_NODE": "8(x2)", "SLURM_GPUS_ON_NODE": "4"}, [],
      "8 tasks on one node but only 4 GPU(s)"),
     ({"SLURM_GPUS_ON_NODE": "0"}, [], "no GPU on node"),
+    ({"FAKE_SCONTROL_FAIL": "1"}, [], "cannot name the first node of the allocation"),
     ({"SLURM_SUBMIT_DIR": "/"}, [], "submit from the root of the checkout, or set SWAV_ROOT"),
 ])
 def test_bad_input_one_clear_error(tmp_path, env, flags, message):
