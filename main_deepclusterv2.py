@@ -68,18 +68,12 @@ def get_args_parser():
     #### other parameters ###
     #########################
     add_backbone_args(parser)
-    parser.add_argument("--hidden_mlp", default=-1, type=int,
-                        help="hidden layer dimension in projection head (-1: the original's "
-                             "2048 x the width multiplier of resnet50wN)")
+    # a flat 2048 for every arch, as the original (SwAV scales it with the width: its scripts pass it)
+    parser.add_argument("--hidden_mlp", default=2048, type=int,
+                        help="hidden layer dimension in projection head")
     add_run_args(parser)
     parser.set_defaults(use_fp16=False)  # the original trains DeepCluster-v2 in fp32
     return parser
-
-
-def hidden_mlp_of(args):
-    if args.hidden_mlp >= 0:
-        return args.hidden_mlp
-    return 2048 * (int(args.arch[len("resnet50w"):]) if args.arch.startswith("resnet50w") else 1)
 
 
 def check_args(args):
@@ -282,7 +276,7 @@ def main(args):
     logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
 
     # build model: one prototype head per k-means
-    model = build_backbone(args.arch, normalize=True, hidden_mlp=hidden_mlp_of(args),
+    model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
                            output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
                            cifar_stem=args.cifar_stem, width=args.width or None)
     # ... on its device (DDP), with LARC + SGD, the lr schedule and the precision

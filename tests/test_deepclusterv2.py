@@ -301,3 +301,9 @@ def test_memory_bank_left_out_of_the_checkpoint_resumes_from_mb_file(image_folde
     assert log.count("Start initializing the memory banks") == 1
     assert not torch.equal(_load(dump, "mb0.pth")["local_memory_embeddings"],
                            mb["local_memory_embeddings"])
+
+
+def test_hidden_mlp_default_is_the_originals_flat_2048():
+    # the original's DeepCluster-v2 default does not scale with the width of resnet50wN
+    args = dc.get_args_parser().parse_args(["--arch", "resnet50w2"])
+    assert args.hidden_mlp == 2048
