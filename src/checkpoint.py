@@ -2,8 +2,12 @@
 
 Every file is written to a temporary name then renamed (os.replace is atomic on POSIX), so a
 process killed during a save leaves the previous file intact. Every load uses
-weights_only=True: our checkpoints hold only tensors, numbers, strings, lists and dicts.
+weights_only=True: our checkpoints hold only tensors, numbers, strings, lists and dicts; the
+original's also hold numpy float64 learning rates, so exactly the numpy scalar and dtype types
+are allowed too (they rebuild a number from raw bytes and run no code).
 """
+import contextlib
+import errno
 import logging
 import os
 import pickle
@@ -21,36 +25,130 @@ class CheckpointError(RuntimeError):
     """A checkpoint or weights file that cannot be used; the message names file and problem."""
 
 
+class NonFiniteStateError(CheckpointError):
+    """A NaN/inf in a model's state: not saved over the last good checkpoint, not evaluated."""
+
+
+def first_nonfinite(tensors):
+    """Name of the first floating-point tensor of `tensors` ({name: tensor}) holding a NaN or
+    inf, else None. One device sync for all of them."""
+    named = [(k, v) for k, v in tensors.items()
+             if isinstance(v, torch.Tensor) and (v.is_floating_point() or v.is_complex())
+             and v.numel()]
+    if not named:
+        return None
+    # the norm of a tensor with an inf or NaN is not finite (an overflow of a huge finite one
+    # is too, and is as unusable)
+    norms = torch.stack([n.float() for n in torch._foreach_norm([v.detach() for _, v in named])])
+    finite = torch.isfinite(norms)
+    if bool(finite.all()):
+        return None
+    return named[int((~finite).nonzero()[0, 0])][0]
+
+
+def check_finite_state(state_dict, what):
+    """Raise NonFiniteStateError naming the first parameter or buffer of `state_dict` (e.g. a
+    BatchNorm running_var) that holds a NaN/inf. `what`: the file or run it belongs to."""
+    bad = first_nonfinite(state_dict)
+    if bad is not None:
+        raise NonFiniteStateError(f"{what}: non-finite values (NaN/inf) in {bad}")
+
+
+def check_finite_features(features, what="features"):
+    """Raise NonFiniteStateError when `features` (a tensor) hold a NaN/inf: an accuracy computed
+    from them would be meaningless (e.g. k-NN below chance), not a result."""
+    if features.is_floating_point() and not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).flatten(1).any(1).sum()) if features.ndim > 1 else 1
+        raise NonFiniteStateError(f"{what}: {bad} of {len(features)} feature vectors hold NaN/inf "
+                                  "(non-finite weights or BatchNorm statistics?): not evaluating")
+
+
+def _nbytes(obj):
+    """About how many bytes torch.save writes for `obj` (its tensors' data)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def _disk_full(error, path, needed):
+    """Whether `error` (a failed write of `needed` bytes to `path`) came from a full disk: the
+    ENOSPC of a plain write, or torch.save's zip writer ("unexpected pos") with too little
+    space left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+    except OSError:
+        return False
+    return free < needed + (1 << 20)
+
+
+@contextlib.contextmanager
+def _writing(path, tmp, needed):
+    """Remove `tmp` whatever happens; a full disk ends in one line naming `path` and the size."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)  # first: frees the space the check below looks at
+        if _disk_full(e, path, needed):
+            raise CheckpointError(f"no space left on device writing {path} (needs about "
+                                  f"{max(1, round(needed / 2**20))} MB); the previous file is "
+                                  "kept") from None
+        raise
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def atomic_save(obj, path):
     tmp = f"{path}.tmp{os.getpid()}"
-    try:
+    with _writing(path, tmp, _nbytes(obj)):
         torch.save(obj, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def atomic_copy(src, dst):
     tmp = f"{dst}.tmp{os.getpid()}"
-    try:
+    with _writing(dst, tmp, os.path.getsize(src)):
         shutil.copyfile(src, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+
+
+def _numpy_safe_globals():
+    """The numpy types an original checkpoint's float64 learning rates unpickle with: the scalar
+    constructor (under numpy 1's and numpy 2's module names), np.dtype and its numeric dtype
+    classes. Nothing else: no object arrays, no callables that run code."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    allowed = [np.dtype, scalar, (scalar, "numpy.core.multiarray.scalar"),
+               (scalar, "numpy._core.multiarray.scalar")]
+    for name in dir(getattr(np, "dtypes", None)):  # numpy >= 1.25 may pickle these classes
+        cls = getattr(np.dtypes, name)
+        if isinstance(cls, type) and issubclass(cls, np.dtype) and \
+                issubclass(getattr(cls, "type", object), (np.number, np.bool_)):
+            allowed.append(cls)
+    return allowed
+
+
+NUMPY_SAFE_GLOBALS = _numpy_safe_globals()
 
 
 def safe_load(path, map_location="cpu"):
-    """torch.load with weights_only=True and a one-line error naming the file."""
+    """torch.load with weights_only=True (numpy scalars allowed: the original's checkpoints hold
+    them) and a one-line error naming the file."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # corrupt, truncated, HTML page, pickle with code, ...
         raise CheckpointError(f"{path}: not a loadable weights file "
                               f"({describe_load_error(path, e)})") from None
@@ -129,10 +227,17 @@ def unwrap(model):
     return model.module if hasattr(model, "module") else model
 
 
-def model_state_dict(model):
+def model_state_dict(model, check_finite=True):
+    """The model's state to save: `module.` keys, contiguous tensors. With `check_finite`, a
+    NaN/inf in any parameter or buffer (BatchNorm statistics too: in training mode the loss can
+    stay finite with an inf running_var) raises NonFiniteStateError naming it, before the file
+    that would replace the last good checkpoint is written."""
     # contiguous: a channels_last model saves the original's NCHW layout (safetensors and
     # other tools reject strided tensors); values are unchanged
-    return add_module_prefix({k: v.contiguous() for k, v in unwrap(model).state_dict().items()})
+    state = add_module_prefix({k: v.contiguous() for k, v in unwrap(model).state_dict().items()})
+    if check_finite:
+        check_finite_state(state, "model state not saved (the last checkpoint is kept)")
+    return state
 
 
 def load_model_state(model, state_dict, path):

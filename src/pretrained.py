@@ -20,7 +20,7 @@ from typing import NamedTuple, Optional
 import torch
 import torch.nn as nn
 
-from .checkpoint import CheckpointError, safe_load
+from .checkpoint import CheckpointError, check_finite_state, safe_load
 
 logger = logging.getLogger()
 
@@ -28,6 +28,9 @@ HEAD_PREFIXES = ("projection_head.", "prototypes.", "fc.", "linear.", "head.", "
                  "projector.")
 WRAPPER_KEYS = ("state_dict", "model", "teacher", "student", "backbone")
 RELEASE_URL = "https://dl.fbaipublicfiles.com/deepcluster/"
+# above this share of the backbone's tensors missing or mis-shaped in the file, an evaluation
+# would mostly measure a random initialisation: refused unless allow_missing=True
+MAX_MISSING_FRACTION = 0.05
 
 
 class Release(NamedTuple):
@@ -193,14 +196,16 @@ def _is_stat(key):
 
 
 def load_pretrained(model, path_or_state, path=None, *, strict=False, include_heads=False,
-                    download=False, cache_dir=None, progress=True):
+                    allow_missing=False, download=False, cache_dir=None, progress=True):
     """Load the backbone weights of `path_or_state` (a path, URL, released name, or a state
     dict) into `model` (ours, or a torchvision/timm ResNet).
 
     Head keys (projection head, prototypes, fc, ...) are ignored unless `include_heads`. Logs
-    missing, unexpected and mis-shaped keys; raises CheckpointError when the file is of another
-    architecture (fewer than half of the model's tensors fit), and with `strict` on any missing,
-    unexpected or mis-shaped key. A URL is downloaded only with `download=True`. Returns a dict
+    missing, unexpected and mis-shaped keys (one summary line each); raises CheckpointError when
+    the file is of another architecture (fewer than half of the model's tensors fit), when more
+    than MAX_MISSING_FRACTION of the backbone's tensors are missing or mis-shaped (unless
+    `allow_missing`), when a tensor to load holds NaN/inf (NonFiniteStateError), and with
+    `strict` on any missing, unexpected or mis-shaped key. A URL is downloaded only with `download=True`. Returns a dict
     with the lists `loaded`, `missing`, `mismatched`, `unexpected`.
     """
     if isinstance(path_or_state, (str, bytes)) or hasattr(path_or_state, "__fspath__"):
@@ -238,11 +243,22 @@ def load_pretrained(model, path_or_state, path=None, *, strict=False, include_he
                  (("missing", missing), ("of another shape", mismatched),
                   ("unexpected", unexpected)) if v]
         raise CheckpointError(f"{path}: does not match the model exactly: " + "; ".join(parts))
+    not_loaded = len(missing) + len(mismatched)
+    if not allow_missing and not_loaded > MAX_MISSING_FRACTION * n_model:
+        example = (missing or mismatched)[0]
+        raise CheckpointError(
+            f"{path}: {not_loaded} of the backbone's {n_model} tensors would stay at their random "
+            f"initialisation ({len(missing)} missing, {len(mismatched)} of another shape, e.g. "
+            f"{example}): more than {MAX_MISSING_FRACTION:.0%}, refused (allow_missing=True "
+            "loads it anyway)")
+    check_finite_state({k: state[k] for k in loaded}, path)
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
-    for k in missing:
-        logger.warning(f"{path}: key {k} missing: left at its initial value")
-    for m in mismatched:
-        logger.warning(f"{path}: key {m}: not loaded")
+    if missing:
+        logger.warning(f"{path}: {len(missing)} key(s) missing, left at their initial values "
+                       f"(e.g. {', '.join(missing[:3])})")
+    if mismatched:
+        logger.warning(f"{path}: {len(mismatched)} key(s) of another shape, not loaded "
+                       f"(e.g. {mismatched[0]})")
     if unexpected:
         logger.warning(f"{path}: {len(unexpected)} keys the model does not have, ignored "
                        f"(e.g. {unexpected[0]})")

@@ -1,0 +1,74 @@
+"""Reliability (issue 20): the original's checkpoints with numpy scalars load under
+weights_only=True, non-finite model state is never saved over the last good checkpoint, a full
+disk ends in one line and keeps the previous file, weights that leave much of the backbone
+random are refused."""
+import errno
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from src import checkpoint as ck
+from src.pretrained import load_pretrained
+
+
+def test_original_checkpoint_with_numpy_learning_rates_loads(tmp_path):
+    # the original saved optimizer.state_dict() whose param_groups hold numpy float64 lrs
+    sgd = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    sgd.param_groups[0]["lr"] = np.float64(0.0048)
+    path = str(tmp_path / "checkpoint.pth.tar")
+    torch.save({"epoch": np.int64(3), "optimizer": sgd.state_dict()}, path)
+    state = ck.safe_load(path)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0048)
+    assert int(state["epoch"]) == 3
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_that_runs_code_is_still_refused(tmp_path):
+    path = str(tmp_path / "evil.pth")
+    torch.save({"lr": np.float64(0.1), "x": _RunsCode()}, path)
+    with pytest.raises(ck.CheckpointError, match="not a loadable weights file"):
+        ck.safe_load(path)
+
+
+def test_inf_batchnorm_statistics_are_not_saved(tmp_path):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    path = str(tmp_path / "checkpoint.pth.tar")
+    ck.atomic_save({"state_dict": ck.model_state_dict(model)}, path)  # finite: saved
+    model[1].running_var[2] = float("inf")  # the loss stays finite in training mode
+    with pytest.raises(ck.NonFiniteStateError, match=r"module\.1\.running_var"):
+        ck.atomic_save({"state_dict": ck.model_state_dict(model)}, path)
+    saved = ck.safe_load(path)["state_dict"]["module.1.running_var"]
+    assert torch.isfinite(saved).all()  # the last good checkpoint is kept
+
+
+def test_full_disk_is_one_line_and_keeps_the_previous_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth.tar")
+    ck.atomic_save({"w": torch.ones(3)}, path)
+
+    def no_space(obj, f, *a, **k):
+        open(f, "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(ck.CheckpointError, match="no space left on device writing .*checkpoint"):
+        ck.atomic_save({"w": torch.zeros(1 << 20)}, path)
+    monkeypatch.undo()
+    assert torch.equal(ck.safe_load(path)["w"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left
+
+
+def test_weights_with_most_of_the_backbone_missing_are_refused(tmp_path):
+    model = nn.Sequential(*[nn.Linear(4, 4) for _ in range(10)])
+    half = {k: v for k, v in model.state_dict().items() if not k.startswith(("0.", "1."))}
+    path = str(tmp_path / "weights.pth")
+    torch.save(half, path)
+    with pytest.raises(ck.CheckpointError, match="would stay at their random initialisation"):
+        load_pretrained(model, path)
+    load_pretrained(model, path, allow_missing=True)  # asked for: loads and warns once
