@@ -108,7 +108,7 @@ def main(args):
     # build model: the backbone and a linear head on the pooled features (no normalisation)
     model = build_backbone(args.arch, output_dim=len(train_dataset.classes),
                            cifar_stem=args.cifar_stem, width=args.width or None)
-    load_backbone_weights(model, args.pretrained)
+    load_backbone_weights(model, args.pretrained, args.allow_missing_keys)
     model = prepare_model(model, args)  # SyncBN (CUDA, several processes), device, DDP
 
     # set optimizer: the head ("projection_head") gets its own learning rate

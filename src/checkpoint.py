@@ -55,12 +55,13 @@ def check_finite_state(state_dict, what):
 
 
 def check_finite_features(features, what="features"):
-    """Raise NonFiniteStateError when `features` (a tensor) hold a NaN/inf: an accuracy computed
-    from them would be meaningless (e.g. k-NN below chance), not a result."""
+    """`features` (a tensor), or NonFiniteStateError when they hold a NaN/inf: an accuracy
+    computed from them would be meaningless (e.g. k-NN below chance), not a result."""
     if features.is_floating_point() and not bool(torch.isfinite(features).all()):
         bad = int((~torch.isfinite(features)).flatten(1).any(1).sum()) if features.ndim > 1 else 1
         raise NonFiniteStateError(f"{what}: {bad} of {len(features)} feature vectors hold NaN/inf "
                                   "(non-finite weights or BatchNorm statistics?): not evaluating")
+    return features
 
 
 def _nbytes(obj):

@@ -22,7 +22,8 @@ import torchvision.transforms as transforms
 
 from . import distributed as du
 from .amp import autocast, make_scaler, resolve_amp
-from .checkpoint import CheckpointError, atomic_save, model_state_dict, restart_from_checkpoint
+from .checkpoint import (CheckpointError, atomic_save, check_finite_features, model_state_dict,
+                         restart_from_checkpoint)
 from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
@@ -47,6 +48,9 @@ def add_eval_model_args(parser, pixels=True):
                         help="small images: 3x3 stride-1 stem conv and no max-pool")
     parser.add_argument("--width", type=int, default=0,
                         help="stem width of the backbone (0: the arch's default, 64 x widen)")
+    parser.add_argument("--allow_missing_keys", type=bool_flag, default=False,
+                        help="evaluate weights that leave more than 5%% of the backbone's tensors "
+                             "at their random initialisation (refused by default)")
     return parser
 
 
@@ -225,14 +229,14 @@ class PixelFeatures(nn.Module):
         return x.flatten(1)[:, :, None, None]
 
 
-def load_backbone_weights(model, path):
+def load_backbone_weights(model, path, allow_missing=False):
     """--pretrained into `model` (every format src/pretrained.py reads); empty: keep random."""
     if not path:
         logger.warning("no --pretrained given: evaluating the randomly initialised backbone")
         return None
     if not os.path.isfile(path):
         raise CheckpointError(f"--pretrained {path}: no such file")
-    return load_pretrained(model, path)
+    return load_pretrained(model, path, allow_missing=allow_missing)
 
 
 def build_frozen_backbone(args, image_size):
@@ -245,7 +249,7 @@ def build_frozen_backbone(args, image_size):
     else:
         model = build_backbone(args.arch, output_dim=0, eval_mode=True,
                                cifar_stem=args.cifar_stem, width=args.width or None)
-        load_backbone_weights(model, args.pretrained)
+        load_backbone_weights(model, args.pretrained, args.allow_missing_keys)
     model = model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -332,7 +336,9 @@ def extract_features(model, dataset, args, pool=True, batch_size=None):
         shape = frozen_forward(model, dataset[0][0].unsqueeze(0), args).shape[1:]
         feats = [torch.zeros((0, *shape) if not pool else (0, shape[0]))]
         labels = [torch.zeros(0, dtype=torch.long)]
-    return gather_shards(torch.cat(feats), torch.cat(labels).long(), len(dataset), args)
+    features, labels = gather_shards(torch.cat(feats), torch.cat(labels).long(), len(dataset), args)
+    # NaN features (e.g. inf BatchNorm statistics) would still give an "accuracy"
+    return check_finite_features(features, "extracted features"), labels
 
 
 def gather_shards(local_feats, local_labels, size, args):

@@ -249,8 +249,8 @@ def load_pretrained(model, path_or_state, path=None, *, strict=False, include_he
         raise CheckpointError(
             f"{path}: {not_loaded} of the backbone's {n_model} tensors would stay at their random "
             f"initialisation ({len(missing)} missing, {len(mismatched)} of another shape, e.g. "
-            f"{example}): more than {MAX_MISSING_FRACTION:.0%}, refused (allow_missing=True "
-            "loads it anyway)")
+            f"{example}): more than {MAX_MISSING_FRACTION:.0%}, refused (an evaluation's "
+            "--allow_missing_keys true loads it anyway)")
     check_finite_state({k: state[k] for k in loaded}, path)
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     if missing:

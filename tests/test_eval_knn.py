@@ -91,3 +91,39 @@ def test_eval_knn_pixels_baseline_needs_no_weights(split_folder, tmp_path):
     with pytest.raises(ValueError, match="pixels takes no --pretrained"):
         eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "px2"),
                                                  ["--arch", "pixels", "--pretrained", "x.pth"])))
+
+
+@pytest.mark.parametrize("poison,message", [
+    ("running_var", "non-finite values"),  # inf BN statistics in the file: refused at load
+    ("huge", "feature vectors hold NaN/inf"),  # finite weights whose features overflow
+])
+def test_eval_knn_refuses_non_finite_weights_or_features(split_folder, tmp_path, poison, message):
+    from src.checkpoint import NonFiniteStateError
+    from src.resnet50 import build_backbone
+    model = build_backbone("resnet18", cifar_stem=True, width=8)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if poison == "running_var" and name.endswith("running_var"):
+                t.fill_(float("inf"))
+            elif poison == "huge" and "conv" in name:
+                t.fill_(1e4)  # x ~1e5 per conv: inf after a few layers
+    path = str(tmp_path / "w.pth")
+    torch.save(model.state_dict(), path)
+    with pytest.raises(NonFiniteStateError, match=message):
+        eval_knn.main(eval_knn.get_args_parser().parse_args(
+            knn_argv(split_folder, str(tmp_path / "k"), ["--pretrained", path])))
+
+
+def test_eval_refuses_weights_missing_most_of_the_backbone_unless_asked(split_folder, tmp_path):
+    from src.checkpoint import CheckpointError
+    from src.resnet50 import build_backbone
+    state = build_backbone("resnet18", cifar_stem=True, width=8).state_dict()
+    path = str(tmp_path / "w.pth")
+    torch.save({k: v for k, v in state.items() if not k.startswith("layer4")}, path)
+    parser = eval_knn.get_args_parser()
+    with pytest.raises(CheckpointError, match="--allow_missing_keys true"):
+        eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "a"),
+                                                 ["--pretrained", path])))
+    res = eval_knn.main(parser.parse_args(knn_argv(
+        split_folder, str(tmp_path / "b"), ["--pretrained", path, "--allow_missing_keys", "true"])))
+    assert set(res) == {3, 20}
