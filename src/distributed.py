@@ -26,6 +26,17 @@ def _slurm_master_addr():
         return None
 
 
+def _one_node_master_addr():
+    """This host when the job has one node; else an error: the other nodes would wait on a
+    rendezvous at their own 127.0.0.1 that never comes."""
+    nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+    if nodes == "1":
+        return "127.0.0.1"
+    raise ValueError(f"cannot find the first node of the Slurm job ({nodes or 'an unknown number of'}"
+                     " nodes): `scontrol show hostnames` failed or is not on the PATH; set "
+                     "MASTER_ADDR to the first node's host name")
+
+
 def _launcher_env():
     """(rank, world_size, local_rank, launcher) from the environment; rank None without one."""
     env = os.environ
@@ -55,19 +66,23 @@ def init_distributed_mode(args):
 
     if use_cuda:
         ngpus = torch.cuda.device_count()
-        if local_rank >= ngpus:
+        # one visible GPU is this task's own (Slurm --gpus-per-task, a bound CUDA_VISIBLE_DEVICES):
+        # it is cuda:0 whatever the local rank
+        gpu = 0 if ngpus == 1 else local_rank
+        if gpu >= ngpus:
             raise ValueError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
                              f"GPU(s); start at most {ngpus} tasks per node")
-        args.gpu_to_work_on = local_rank
-        torch.cuda.set_device(local_rank)
-        args.device = f"cuda:{local_rank}"
+        args.gpu_to_work_on = gpu
+        torch.cuda.set_device(gpu)
+        args.device = f"cuda:{gpu}"
     else:
         args.gpu_to_work_on = None
         args.device = "cpu"
 
     if args.world_size > 1:
         if launcher == "slurm":
-            os.environ.setdefault("MASTER_ADDR", _slurm_master_addr() or "127.0.0.1")
+            if "MASTER_ADDR" not in os.environ:
+                os.environ["MASTER_ADDR"] = _slurm_master_addr() or _one_node_master_addr()
             os.environ.setdefault("MASTER_PORT", "29500")
         dist_url = getattr(args, "dist_url", "env://")
         timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30))
