@@ -129,8 +129,10 @@ def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototyp
             if "prototypes" in name:
                 p.grad = None
     if scaled:
-        # unscale before LARC: its trust ratio needs the true gradient norms
-        scaler.unscale_(optimizer.optim if isinstance(optimizer, LARC) else optimizer)
+        # unscale before LARC's trust ratio, which needs the true gradient norms. The scaler
+        # keeps its unscaled/stepped state per optimizer object: unscale and step the same one
+        # (unscaling LARC's inner optimizer then stepping LARC would divide by the scale twice)
+        scaler.unscale_(optimizer)
         scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
