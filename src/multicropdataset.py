@@ -21,26 +21,14 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 from PIL import Image, ImageFilter
 
+from .imagelist import DataError
+
 logger = logging.getLogger()
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.228, 0.224, 0.225]
 BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """Unusable data: the message names the path and the problem."""
-
-    def __str__(self):
-        # raised in a DataLoader worker, it is re-raised in the main process with the message
-        # "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...": keep the
-        # one-line message it ends with
-        text = super().__str__()
-        if "Original Traceback" in text:
-            last = text.rstrip().splitlines()[-1]
-            return last.split("DataError: ", 1)[-1]
-        return text
 
 
 def check_image_folder(path, what="--data_path"):
