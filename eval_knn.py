@@ -68,7 +68,7 @@ def main(args):
             top1, top5 = accuracy(scores, val_labels[mine], topk=(1, 5))
             hits += torch.tensor([top1.item() * len(mine) / 100, top5.item() * len(mine) / 100,
                                   len(mine)], dtype=torch.float64)
-        hits = du.all_reduce(hits.to(args.device)).cpu()
+        hits = du.all_reduce(hits)
         top1, top5 = (100 * hits[0] / hits[2]).item(), (100 * hits[1] / hits[2]).item()
         results[k] = {"top1": top1, "top5": top5}
         stats.update((k, args.temperature, top1, top5), save=args.rank == 0)

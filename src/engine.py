@@ -220,7 +220,7 @@ class EpochProgress:
                 self.stopped_at = it + 1
                 if self.state is not None:  # rank 0 saves it: gather every rank's meter
                     meter = torch.tensor([self.losses.sum, self.losses.count], dtype=torch.float64)
-                    meters = du.all_gather(meter.to(preemption.collective_device()))
+                    meters = du.all_gather(meter)
                     self.state["stopped_at"] = self.stopped_at
                     self.state["loss_meter"] = [[m[0].item(), int(m[1].item())] for m in meters]
                 logger.info(f"epoch {self.epoch} stopped after iteration {it} of "

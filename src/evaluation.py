@@ -346,17 +346,16 @@ def gather_shards(local_feats, local_labels, size, args):
     world = du.get_world_size()
     if world == 1:
         return local_feats, local_labels
-    device = torch.device(args.device)
     n_max = -(-size // world)
     pad = n_max - local_feats.shape[0]
-    f = torch.cat([local_feats, local_feats.new_zeros((pad, *local_feats.shape[1:]))]).to(device)
-    y = torch.cat([local_labels, local_labels.new_zeros(pad)]).to(device)
+    f = torch.cat([local_feats, local_feats.new_zeros((pad, *local_feats.shape[1:]))])
+    y = torch.cat([local_labels, local_labels.new_zeros(pad)])
     feats = local_feats.new_empty((size, *local_feats.shape[1:]))
     labels = local_labels.new_empty(size)
     for r, (fr, yr) in enumerate(zip(du.all_gather(f), du.all_gather(y))):
         n = len(range(r, size, world))
-        feats[r::world] = fr[:n].cpu()
-        labels[r::world] = yr[:n].cpu()
+        feats[r::world] = fr[:n]
+        labels[r::world] = yr[:n]
     return feats, labels
 
 
@@ -394,9 +393,9 @@ class ClassificationMeter:
                                   dtype=torch.float64)
         return acc1.item(), acc5.item()
 
-    def summary(self, device="cpu"):
+    def summary(self):
         """(loss, top-1 %, top-5 %) over every rank's samples, each counted once."""
-        sums = du.all_reduce(self.sums.to(device)).cpu()
+        sums = du.all_reduce(self.sums.clone())
         n = max(sums[3].item(), 1)
         return sums[0].item() / n, 100 * sums[1].item() / n, 100 * sums[2].item() / n
 
@@ -438,7 +437,7 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
                         f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {acc1:.3f}\tLR {lrs}")
-    return (epoch, *meter.summary(args.device))
+    return (epoch, *meter.summary())
 
 
 @torch.no_grad()
@@ -452,7 +451,7 @@ def validate(forward, modules, loader, args):
         target = target.to(args.device, non_blocking=True)
         output = forward(inp).float()
         meter.update(criterion(output, target).item(), output, target)
-    return meter.summary(args.device)
+    return meter.summary()
 
 
 # ----------------------------------------------------------------------------- checkpoints
