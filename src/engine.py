@@ -293,8 +293,10 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- state
 def gather_to_rank0(tensor):
-    """Stack every rank's tensor (same shape) on the CPU: [world_size, ...] (all ranks call)."""
-    return torch.stack([t.detach() for t in du.all_gather(tensor)]).cpu()
+    """Every rank's tensor (same shape) stacked on rank 0's CPU: [world_size, ...]; None on
+    the other ranks, which save nothing (all ranks call; only rank 0 receives the data)."""
+    parts = du.gather(tensor.detach(), dst=0)
+    return None if parts is None else torch.stack(parts).cpu()
 
 
 def save_training_state(args, epoch, model, optimizer, scaler, extra=None, start_iter=0):

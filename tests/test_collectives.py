@@ -179,7 +179,7 @@ def test_meters_gathers_and_preemption_under_nccl(nccl, monkeypatch, tmp_path):
         assert exit_.value.code == preemption.REQUEUE_EXIT_CODE
     finally:
         preemption.reset()
-    assert {"all_reduce", "all_gather", "broadcast"} <= set(nccl)
+    assert {"all_reduce", "all_gather", "gather", "broadcast"} <= set(nccl)
 
 
 def test_knn_under_nccl(nccl, tmp_path):
