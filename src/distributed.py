@@ -115,7 +115,8 @@ def is_main_process():
 # gloo CPU ones, while callers hold statistics wherever they were computed (k-means assignments and
 # the collapse monitor's counts on the CPU, losses on the GPU). Each helper moves a tensor to the
 # backend's device when it is elsewhere, runs the collective and gives the result back on the
-# caller's device; a no-op in one process.
+# caller's device. A no-op without a process group; with one, it runs even for a single rank (a
+# one-process nccl run then exercises the same collectives as a multi-GPU one).
 def backend_device():
     """Where the default group's collectives need their tensors: the current CUDA device under
     nccl, else (gloo, or no group) the CPU."""
@@ -137,7 +138,7 @@ def _on_backend(tensor):
 
 def all_reduce(tensor, op=None):
     """In-place all-reduce (sum by default) of `tensor`, wherever it lives; returns it."""
-    if get_world_size() > 1:
+    if is_dist():
         work, copied = _on_backend(tensor)
         dist.all_reduce(work, op=op or dist.ReduceOp.SUM)
         if copied:
@@ -147,7 +148,7 @@ def all_reduce(tensor, op=None):
 
 def broadcast(tensor, src=0):
     """In-place broadcast of rank `src`'s `tensor` to every rank; returns it."""
-    if get_world_size() > 1:
+    if is_dist():
         work, copied = _on_backend(tensor)
         dist.broadcast(work, src)
         if copied:
@@ -158,7 +159,7 @@ def broadcast(tensor, src=0):
 def all_gather(tensor):
     """Every rank's tensor (same shape on each rank) as a list in rank order, on every rank, on
     the caller's device."""
-    if get_world_size() == 1:
+    if not is_dist():
         return [tensor]
     work, _ = _on_backend(tensor)
     parts = [torch.empty_like(work) for _ in range(get_world_size())]
@@ -170,7 +171,7 @@ def gather(tensor, dst=0):
     """Every rank's tensor (same shape on each rank) as a list in rank order on rank `dst`, on
     the caller's device; None on the other ranks. gloo and nccl (PyTorch >= 1.11) both gather:
     only `dst` receives the data, not world_size copies as with all_gather."""
-    if get_world_size() == 1:
+    if not is_dist():
         return [tensor]
     work, _ = _on_backend(tensor)
     parts = [torch.empty_like(work) for _ in range(get_world_size())] if get_rank() == dst else None
