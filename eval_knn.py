@@ -1,19 +1,18 @@
 """Weighted k-NN classification on frozen features (not in the original SwAV code; the protocol of
 Wu et al. 2018 / DINO): L2-normalised pooled features, cosine similarity, the k nearest training
 images vote for their class with weight exp(sim / T). No training, so it is a quick check of a
-checkpoint. Features are computed once, batched, sharded over ranks and all-gathered; each rank
-classifies its share of val/ and the hits are all-reduced.
+checkpoint. Features are computed once, batched and sharded over ranks. The train bank stays
+sharded (1.28M x 2048 fp32 is 10 GB: one copy in all, not one per rank), on each rank's device;
+every rank scores every val image against its shard in chunks and only the top-k (similarity,
+label) of each rank are gathered and merged.
 """
 import argparse
 import logging
 
-import torch
-
-from src import distributed as du
 from src.cli import add_distributed_args, run_main
-from src.evaluation import (ShardSampler, add_eval_data_args, add_eval_model_args,
-                            add_eval_run_args, build_eval_datasets, build_frozen_backbone,
-                            eval_transforms, extract_features, knn_classify, start_eval)
+from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
+                            build_eval_datasets, build_frozen_backbone, eval_transforms,
+                            extract_features, knn_classify, start_eval)
 from src.utils import accuracy
 
 logger = logging.getLogger()
@@ -52,24 +51,21 @@ def main(args):
     num_classes = len(train_dataset.classes)
     model = build_frozen_backbone(args, args.center_crop)
 
-    # features once, gathered on every rank
-    train_feats, train_labels = extract_features(model, train_dataset, args)
+    # features once: the train bank stays sharded (each rank keeps the features it extracted,
+    # on its device), the val features (the queries) are gathered on every rank
+    train_feats, train_labels = extract_features(model, train_dataset, args, gather=False)
     val_feats, val_labels = extract_features(model, val_dataset, args)
-    logger.info(f"features: train {tuple(train_feats.shape)}, val {tuple(val_feats.shape)}")
+    logger.info(f"features: train {len(train_dataset)} x {train_feats.shape[1]} ({len(train_feats)}"
+                f" on this rank), val {tuple(val_feats.shape)}")
+    train_feats, train_labels = train_feats.to(args.device), train_labels.to(args.device)
 
-    # each rank classifies its share of val/; hits are summed over ranks
-    mine = torch.tensor(list(ShardSampler(len(val_dataset))), dtype=torch.long)
+    # every rank scores every val image against its shard; the merged top-k are the same on
+    # every rank, and so are the accuracies
     results = {}
     for k in args.nb_knn:
-        scores = knn_classify(train_feats, train_labels, val_feats[mine], num_classes, k,
+        scores = knn_classify(train_feats, train_labels, val_feats, num_classes, k,
                               args.temperature)
-        hits = torch.zeros(3, dtype=torch.float64)
-        if len(mine):
-            top1, top5 = accuracy(scores, val_labels[mine], topk=(1, 5))
-            hits += torch.tensor([top1.item() * len(mine) / 100, top5.item() * len(mine) / 100,
-                                  len(mine)], dtype=torch.float64)
-        hits = du.all_reduce(hits.to(args.device)).cpu()
-        top1, top5 = (100 * hits[0] / hits[2]).item(), (100 * hits[1] / hits[2]).item()
+        top1, top5 = (a.item() for a in accuracy(scores, val_labels, topk=(1, 5)))
         results[k] = {"top1": top1, "top5": top5}
         stats.update((k, args.temperature, top1, top5), save=args.rank == 0)
         tb.scalars(k, "eval_knn", top1=top1, top5=top5)

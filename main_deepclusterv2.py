@@ -175,7 +175,8 @@ def load_memory_bank(args, to_restore, size_dataset, niter_per_ep):
 
 def save_memory_bank(args, local_memory_index, local_memory_embeddings):
     """Every rank writes its mb{rank}.pth (the original's file); returns every rank's bank for
-    the checkpoint, or None with --checkpoint_memory_bank false (all ranks call)."""
+    the checkpoint (on rank 0; None entries elsewhere), or None with --checkpoint_memory_bank
+    false (all ranks call)."""
     atomic_save({"local_memory_embeddings": local_memory_embeddings,
                  "local_memory_index": local_memory_index}, memory_bank_path(args))
     if not args.checkpoint_memory_bank:

@@ -110,20 +110,73 @@ def is_main_process():
     return get_rank() == 0
 
 
+# ----------------------------------------------------------------------------- collectives
+# Every collective of the project goes through the helpers below: NCCL takes CUDA tensors only and
+# gloo CPU ones, while callers hold statistics wherever they were computed (k-means assignments and
+# the collapse monitor's counts on the CPU, losses on the GPU). Each helper moves a tensor to the
+# backend's device when it is elsewhere, runs the collective and gives the result back on the
+# caller's device. A no-op without a process group; with one, it runs even for a single rank (a
+# one-process nccl run then exercises the same collectives as a multi-GPU one).
+def backend_device():
+    """Where the default group's collectives need their tensors: the current CUDA device under
+    nccl, else (gloo, or no group) the CPU."""
+    if is_dist() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _move(tensor, device):
+    """`tensor` on `device`: itself when it is there already (tests swap this to emulate a GPU)."""
+    return tensor if tensor.device == device else tensor.to(device)
+
+
+def _on_backend(tensor):
+    """(tensor on the backend device, contiguous: the collectives need both; whether it moved)."""
+    moved = _move(tensor, backend_device()).contiguous()
+    return moved, moved is not tensor
+
+
 def all_reduce(tensor, op=None):
-    """In-place all-reduce (sum by default); a no-op in one process."""
-    if get_world_size() > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    """In-place all-reduce (sum by default) of `tensor`, wherever it lives; returns it."""
+    if is_dist():
+        work, copied = _on_backend(tensor)
+        dist.all_reduce(work, op=op or dist.ReduceOp.SUM)
+        if copied:
+            tensor.copy_(_move(work, tensor.device))
+    return tensor
+
+
+def broadcast(tensor, src=0):
+    """In-place broadcast of rank `src`'s `tensor` to every rank; returns it."""
+    if is_dist():
+        work, copied = _on_backend(tensor)
+        dist.broadcast(work, src)
+        if copied:
+            tensor.copy_(_move(work, tensor.device))
     return tensor
 
 
 def all_gather(tensor):
-    """Every rank's tensor (same shape on each rank) as a list in rank order, on every rank."""
-    if get_world_size() == 1:
+    """Every rank's tensor (same shape on each rank) as a list in rank order, on every rank, on
+    the caller's device."""
+    if not is_dist():
         return [tensor]
-    parts = [torch.empty_like(tensor) for _ in range(get_world_size())]
-    dist.all_gather(parts, tensor.contiguous())
-    return parts
+    work, _ = _on_backend(tensor)
+    parts = [torch.empty_like(work) for _ in range(get_world_size())]
+    dist.all_gather(parts, work)
+    return [_move(p, tensor.device) for p in parts]
+
+
+def gather(tensor, dst=0):
+    """Every rank's tensor (same shape on each rank) as a list in rank order on rank `dst`, on
+    the caller's device; None on the other ranks. gloo and nccl (PyTorch >= 1.11) both gather:
+    only `dst` receives the data, not world_size copies as with all_gather."""
+    if not is_dist():
+        return [tensor]
+    work, _ = _on_backend(tensor)
+    parts = [torch.empty_like(work) for _ in range(get_world_size())] if get_rank() == dst else None
+    dist.gather(work, parts, dst=dst)
+    return None if parts is None else [_move(p, tensor.device) for p in parts]
 
 
 def barrier():

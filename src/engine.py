@@ -220,7 +220,7 @@ class EpochProgress:
                 self.stopped_at = it + 1
                 if self.state is not None:  # rank 0 saves it: gather every rank's meter
                     meter = torch.tensor([self.losses.sum, self.losses.count], dtype=torch.float64)
-                    meters = du.all_gather(meter.to(preemption.collective_device()))
+                    meters = du.all_gather(meter)
                     self.state["stopped_at"] = self.stopped_at
                     self.state["loss_meter"] = [[m[0].item(), int(m[1].item())] for m in meters]
                 logger.info(f"epoch {self.epoch} stopped after iteration {it} of "
@@ -293,8 +293,10 @@ def set_lr(optimizer, lr):
 
 # ----------------------------------------------------------------------------- state
 def gather_to_rank0(tensor):
-    """Stack every rank's tensor (same shape) on the CPU: [world_size, ...] (all ranks call)."""
-    return torch.stack([t.detach() for t in du.all_gather(tensor)]).cpu()
+    """Every rank's tensor (same shape) stacked on rank 0's CPU: [world_size, ...]; None on
+    the other ranks, which save nothing (all ranks call; only rank 0 receives the data)."""
+    parts = du.gather(tensor.detach(), dst=0)
+    return None if parts is None else torch.stack(parts).cpu()
 
 
 def save_training_state(args, epoch, model, optimizer, scaler, extra=None, start_iter=0):

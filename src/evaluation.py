@@ -22,8 +22,8 @@ import torchvision.transforms as transforms
 
 from . import distributed as du
 from .amp import autocast, make_scaler, resolve_amp
-from .checkpoint import (CheckpointError, atomic_save, check_finite_features, model_state_dict,
-                         restart_from_checkpoint)
+from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
+                         model_state_dict, restart_from_checkpoint)
 from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
@@ -321,9 +321,11 @@ class RegLog(nn.Module):
 
 # ----------------------------------------------------------------------------- features
 @torch.no_grad()
-def extract_features(model, dataset, args, pool=True, batch_size=None):
-    """Frozen outputs for the whole dataset, in dataset order, on every rank: each rank computes
-    its shard once, then shards are all-gathered. Returns (features float32 CPU, labels long)."""
+def extract_features(model, dataset, args, pool=True, batch_size=None, gather=True):
+    """Frozen outputs for the whole dataset: each rank computes its shard (ShardSampler: samples
+    rank, rank + world_size, ...) once. gather=True: shards are all-gathered, every rank gets the
+    whole dataset in dataset order; gather=False: each rank keeps its own shard (a k-NN bank).
+    Returns (features float32 CPU, labels long)."""
     loader = shard_loader(dataset, args, batch_size)
     feats, labels = [], []
     for inp, target in loader:
@@ -332,13 +334,28 @@ def extract_features(model, dataset, args, pool=True, batch_size=None):
             out = F.adaptive_avg_pool2d(out, 1).flatten(1)
         feats.append(out.cpu())
         labels.append(target)
-    if not feats:  # a rank with an empty shard still takes part in the gather
+    if not feats:  # a rank with an empty shard still takes part in the collectives
         shape = frozen_forward(model, dataset[0][0].unsqueeze(0), args).shape[1:]
         feats = [torch.zeros((0, *shape) if not pool else (0, shape[0]))]
         labels = [torch.zeros(0, dtype=torch.long)]
-    features, labels = gather_shards(torch.cat(feats), torch.cat(labels).long(), len(dataset), args)
+    features, labels = torch.cat(feats), torch.cat(labels).long()
+    if gather:
+        features, labels = gather_shards(features, labels, len(dataset), args)
     # NaN features (e.g. inf BatchNorm statistics) would still give an "accuracy"
-    return check_finite_features(features, "extracted features"), labels
+    return check_finite_everywhere(features, "extracted features", local=not gather), labels
+
+
+def check_finite_everywhere(features, what, local=False):
+    """check_finite_features on every rank together. local=True: each rank holds other
+    features; the ranks agree first, so that all of them stop (one stopping alone would leave
+    the others waiting in their next collective)."""
+    if local and du.get_world_size() > 1:
+        bad = float(features.is_floating_point() and not bool(torch.isfinite(features).all()))
+        if du.all_reduce(torch.tensor([bad])).item() > 0 and not bad:
+            raise NonFiniteStateError(f"{what}: feature vectors hold NaN/inf on another rank "
+                                      "(non-finite weights or BatchNorm statistics?): not "
+                                      "evaluating")
+    return check_finite_features(features, what)
 
 
 def gather_shards(local_feats, local_labels, size, args):
@@ -346,38 +363,68 @@ def gather_shards(local_feats, local_labels, size, args):
     world = du.get_world_size()
     if world == 1:
         return local_feats, local_labels
-    device = torch.device(args.device)
     n_max = -(-size // world)
     pad = n_max - local_feats.shape[0]
-    f = torch.cat([local_feats, local_feats.new_zeros((pad, *local_feats.shape[1:]))]).to(device)
-    y = torch.cat([local_labels, local_labels.new_zeros(pad)]).to(device)
+    f = torch.cat([local_feats, local_feats.new_zeros((pad, *local_feats.shape[1:]))])
+    y = torch.cat([local_labels, local_labels.new_zeros(pad)])
     feats = local_feats.new_empty((size, *local_feats.shape[1:]))
     labels = local_labels.new_empty(size)
     for r, (fr, yr) in enumerate(zip(du.all_gather(f), du.all_gather(y))):
         n = len(range(r, size, world))
-        feats[r::world] = fr[:n].cpu()
-        labels[r::world] = yr[:n].cpu()
+        feats[r::world] = fr[:n]
+        labels[r::world] = yr[:n]
     return feats, labels
 
 
 @torch.no_grad()
 def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07,
                  batch_size=256):
-    """Weighted k-NN (Wu et al. 2018, as in DINO): cosine similarity to the L2-normalised train
-    features, the k nearest vote for their class with weight exp(sim / T).
-    Returns class scores [n_test, num_classes] (argmax = prediction)."""
+    """Weighted k-NN (Wu et al. 2018, DINO's knn_classifier): cosine similarity to the
+    L2-normalised train features, the k nearest vote for their class with weight exp(sim / T).
+
+    Distributed, `train_features` / `train_labels` are this rank's shard of the bank (any split;
+    none replicated) and every rank passes the same `test_features`: each chunk of
+    `batch_size` queries is scored on the bank's device against the local shard, and only the
+    local top-k (similarities, labels) of every rank are all-gathered and merged into the
+    global top-k. In one process this is DINO's computation as it was (one `topk` over the
+    whole bank; which of several equal similarities at the k-th place is kept is topk's choice,
+    unspecified, as in DINO). Returns class scores [n_test, num_classes] (argmax = prediction)
+    on test_features' device, the same on every rank."""
+    device = train_features.device
     train_features = F.normalize(train_features.float(), dim=1)
-    test_features = F.normalize(test_features.float(), dim=1)
-    k = min(k, train_features.shape[0])
+    train_labels = train_labels.to(device)
+    n_train = train_features.shape[0]
+    world = du.get_world_size()
+    if world > 1:
+        n_train = int(du.all_reduce(torch.tensor([n_train])).item())
+    k = min(k, n_train)
     scores = []
     for start in range(0, test_features.shape[0], batch_size):
-        sim = test_features[start:start + batch_size] @ train_features.t()
-        top_sim, top_idx = sim.topk(k, dim=1)
+        queries = F.normalize(test_features[start:start + batch_size].to(device).float(), dim=1)
+        sim = queries @ train_features.t()
+        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
+        top_labels = train_labels[top_idx]
+        if world > 1:
+            top_sim, top_labels = merge_topk(top_sim, top_labels, k)
         weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype)
-        votes.scatter_add_(1, train_labels[top_idx], weights)
-        scores.append(votes)
-    return torch.cat(scores) if scores else torch.zeros(0, num_classes)
+        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=device)
+        votes.scatter_add_(1, top_labels, weights)
+        scores.append(votes.to(test_features.device))
+    return (torch.cat(scores) if scores else
+            torch.zeros(0, num_classes, device=test_features.device))
+
+
+def merge_topk(values, labels, k):
+    """The k largest `values` per row over every rank's candidates, with their `labels` (all
+    ranks call; a rank with fewer than k candidates pads with -inf, never chosen)."""
+    pad = k - values.shape[1]
+    if pad > 0:
+        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
+        labels = torch.cat([labels, labels.new_zeros((labels.shape[0], pad))], 1)
+    values = torch.cat(du.all_gather(values), dim=1)  # [queries, world_size * k], rank order
+    labels = torch.cat(du.all_gather(labels), dim=1)
+    top, pos = values.topk(k, dim=1)
+    return top, labels.gather(1, pos)
 
 
 # ----------------------------------------------------------------------------- train / validate
@@ -394,9 +441,9 @@ class ClassificationMeter:
                                   dtype=torch.float64)
         return acc1.item(), acc5.item()
 
-    def summary(self, device="cpu"):
+    def summary(self):
         """(loss, top-1 %, top-5 %) over every rank's samples, each counted once."""
-        sums = du.all_reduce(self.sums.to(device)).cpu()
+        sums = du.all_reduce(self.sums.clone())
         n = max(sums[3].item(), 1)
         return sums[0].item() / n, 100 * sums[1].item() / n, 100 * sums[2].item() / n
 
@@ -438,7 +485,7 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
                         f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {acc1:.3f}\tLR {lrs}")
-    return (epoch, *meter.summary(args.device))
+    return (epoch, *meter.summary())
 
 
 @torch.no_grad()
@@ -452,7 +499,7 @@ def validate(forward, modules, loader, args):
         target = target.to(args.device, non_blocking=True)
         output = forward(inp).float()
         meter.update(criterion(output, target).item(), output, target)
-    return meter.summary(args.device)
+    return meter.summary()
 
 
 # ----------------------------------------------------------------------------- checkpoints

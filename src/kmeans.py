@@ -12,7 +12,6 @@ cluster); here the M-step is one `index_add_` and one `bincount`, and the E-step
 chunks so that the N x K score matrix never exists at once (1.2M x 3000 fits).
 """
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from . import distributed as du
@@ -34,9 +33,7 @@ def init_centroids(embeddings, K):
     else:
         centroids = torch.empty(K, embeddings.shape[1], dtype=embeddings.dtype,
                                 device=embeddings.device)
-    if du.get_world_size() > 1:
-        dist.broadcast(centroids, 0)
-    return centroids
+    return du.broadcast(centroids, 0)
 
 
 @torch.no_grad()

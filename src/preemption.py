@@ -80,21 +80,12 @@ def should_stop():
         return True
     flag = 1 if _state.received else 0
     if du.get_world_size() > 1:
-        t = torch.tensor([flag], dtype=torch.int32, device=collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = int(t.item())
+        flag = int(du.all_reduce(torch.tensor([flag], dtype=torch.int32), dist.ReduceOp.MAX))
     if flag:
         _state.agreed = True
         how = f"received {_state.received}" if _state.received else "another rank received it"
         logger.warning(f"stop requested ({how}): finishing this step, then checkpointing")
     return _state.agreed
-
-
-def collective_device():
-    """Where a small tensor for a collective must live: the GPU under nccl, else the CPU."""
-    if du.is_dist() and dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def exit_after_checkpoint(args):
@@ -114,9 +105,7 @@ def exit_after_checkpoint(args):
             logger.warning(f"stopped by a signal; checkpoint at {where}: run the same command "
                            f"again to resume (exit status {code})")
     if du.get_world_size() > 1:  # every rank leaves with rank 0's status
-        t = torch.tensor([code], dtype=torch.int32, device=collective_device())
-        dist.broadcast(t, 0)
-        code = int(t.item())
+        code = int(du.broadcast(torch.tensor([code], dtype=torch.int32), 0))
     du.destroy()
     logger.info(f"exiting with status {code}")
     raise SystemExit(code)

@@ -2,15 +2,7 @@
 import torch
 import torch.distributed as dist
 
-
-def _world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def _all_reduce(tensor, op=None):
-    if _world_size() > 1:
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
+from . import distributed as du
 
 
 @torch.no_grad()
@@ -23,17 +15,17 @@ def distributed_sinkhorn(out, epsilon=0.05, sinkhorn_iterations=3):
     normalisation, so the result equals the original's while not overflowing for small epsilon.
     """
     out = out.float()
-    world_size = _world_size()
-    max_score = _all_reduce(out.max().clone(), dist.ReduceOp.MAX if world_size > 1 else None)
+    world_size = du.get_world_size()
+    max_score = du.all_reduce(out.max().clone(), dist.ReduceOp.MAX)
     Q = torch.exp((out - max_score) / epsilon).t()  # K x B
     B = Q.shape[1] * world_size  # number of samples to assign
     K = Q.shape[0]  # number of prototypes
 
     # make the matrix sum to 1
-    Q /= _all_reduce(torch.sum(Q))
+    Q /= du.all_reduce(torch.sum(Q))
     for _ in range(sinkhorn_iterations):
         # rows: each prototype gets total weight 1/K
-        Q /= _all_reduce(torch.sum(Q, dim=1, keepdim=True))
+        Q /= du.all_reduce(torch.sum(Q, dim=1, keepdim=True))
         Q /= K
         # columns: each sample gets total weight 1/B
         Q /= torch.sum(Q, dim=0, keepdim=True)

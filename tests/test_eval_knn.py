@@ -1,17 +1,24 @@
-"""eval_knn.py: the weighted k-NN classifier's math, and short runs in one process and under
-torchrun (same numbers: features are gathered in dataset order, each val image counted once)."""
+"""eval_knn.py: the weighted k-NN classifier's math, the sharded bank over 2 gloo ranks, and short
+runs in one process and under torchrun (same numbers: each rank keeps its shard of the train
+bank, the merged top-k equal one process's, each val image counted once)."""
+import os
+import socket
 import subprocess
 import sys
 
 import pandas as pd
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from conftest import ROOT, make_split_folder
 
 import eval_knn
+from src.engine import gather_to_rank0
 from src.evaluation import knn_classify
+from src.utils import accuracy
 
 
 def test_knn_separable_features_are_classified_perfectly():
@@ -50,6 +57,49 @@ def test_knn_matches_a_direct_implementation():
         torch.testing.assert_close(scores[i], expected, rtol=1e-4, atol=1e-5)
     # k larger than the training set uses every training sample
     assert knn_classify(train_x, train_y, test_x, 4, k=500).shape == (9, 4)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _knn_worker(rank, port, train_x, train_y, test_x, ks, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        # each rank holds only its shard of the bank, as ShardSampler splits a dataset
+        scores = {k: knn_classify(train_x[rank::2], train_y[rank::2], test_x, 4, k=k,
+                                  temperature=0.1, batch_size=6) for k in ks}
+        stacked = gather_to_rank0(torch.full((2, 3), float(rank)))
+        torch.save({"scores": scores, "stacked": stacked}, os.path.join(out_dir, f"r{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_knn_over_two_gloo_ranks_with_a_sharded_bank_equals_one_rank(tmp_path):
+    g = torch.Generator().manual_seed(5)
+    centres = F.normalize(torch.randn(4, 8, generator=g), dim=1) * 2
+    train_y = torch.randint(0, 4, (41,), generator=g)
+    test_y = torch.randint(0, 4, (17,), generator=g)
+    train_x = centres[train_y] + torch.randn(41, 8, generator=g)
+    test_x = centres[test_y] + torch.randn(17, 8, generator=g)
+    ks = (1, 5, 30, 100)  # 30: more than rank 1's 20 rows; 100: more than the whole bank (41)
+    # fork: the children start with torch imported (spawn's fresh interpreters cost ~10 s here)
+    mp.start_processes(_knn_worker, args=(_free_port(), train_x, train_y, test_x, ks,
+                                          str(tmp_path)), nprocs=2, start_method="fork")
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pth", weights_only=True) for r in (0, 1))
+    for k in ks:
+        one = knn_classify(train_x, train_y, test_x, 4, k=k, temperature=0.1, batch_size=6)
+        for r in (r0, r1):
+            torch.testing.assert_close(r["scores"][k], one, rtol=1e-6, atol=1e-6)
+            assert [a.item() for a in accuracy(r["scores"][k], test_y, topk=(1, 2))] == \
+                [a.item() for a in accuracy(one, test_y, topk=(1, 2))]
+    # the checkpoint gather: only rank 0 receives every rank's tensor
+    assert torch.equal(r0["stacked"], torch.tensor([0.0, 1.0]).view(2, 1, 1).expand(2, 2, 3))
+    assert r1["stacked"] is None
 
 
 @pytest.fixture
