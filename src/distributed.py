@@ -126,6 +126,15 @@ def all_gather(tensor):
     return parts
 
 
+def broadcast_object(obj, src=0):
+    """Rank `src`'s picklable `obj` on every rank (a verdict, a message); `obj` in one process."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def barrier():
     if get_world_size() > 1:
         dist.barrier()
