@@ -180,11 +180,11 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint(image_folder, tmp_path)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     err = "".join(err)
-    assert proc.returncode == preemption.INT_EXIT_CODE, err[-3000:]
-    assert "Traceback" not in err and "Error" not in err, err[-3000:]
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]  # nor from the workers
     where = os.path.join(dump, "checkpoint.pth.tar")
     last = err.strip().splitlines()[-1]
     assert f"interrupted (Ctrl-C): checkpoint at {where}" in last, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]  # 128 + SIGINT, as a shell reports Ctrl-C
     assert _load(dump)["epoch"] < 50  # a checkpoint of this step, loadable
 
 
