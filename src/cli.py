@@ -21,7 +21,7 @@ def run_main(main, parser):
         return main(args)
     except (DataError, CheckpointError, ValueError, NonFiniteLossError, CollapseError) as e:
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # Ctrl-C outside the training loop (src/preemption.py handles it there)
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (src/preemption.py: inside)
         print(f"interrupted (Ctrl-C) before a checkpoint of this step: {args.dump_path} keeps "
               "the last one", file=sys.stderr)
         raise SystemExit(INT_EXIT_CODE) from None
