@@ -22,8 +22,8 @@ def run_main(main, parser):
     except (DataError, CheckpointError, ValueError, NonFiniteLossError, CollapseError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (src/preemption.py: inside)
-        print(f"interrupted (Ctrl-C) before a checkpoint of this step: {args.dump_path} keeps "
-              "the last one", file=sys.stderr)
+        print(f"interrupted (Ctrl-C): no checkpoint written now; {args.dump_path} keeps the "
+              "last one", file=sys.stderr)
         raise SystemExit(INT_EXIT_CODE) from None
     except RuntimeError as e:  # gloo/NCCL: a peer hung or died and a collective timed out
         if not (du.is_dist() and "timed out" in str(e).lower()):
