@@ -86,7 +86,11 @@ def acquire(dump_path, name=PRETRAINING_LOCK):
     path = os.path.realpath(os.path.join(dump_path, name))
     if path in _held:
         return True  # this process set up the same dump path before (tests, a second main())
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:  # a read-only folder, say
+        raise DumpPathError(f"--dump_path {dump_path}: cannot create {path} "
+                            f"({e.strerror or e})") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -103,8 +107,11 @@ def acquire(dump_path, name=PRETRAINING_LOCK):
     info = {"host": socket.gethostname(), "pid": os.getpid(),
             "started": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join(sys.argv)[:500]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    except OSError as e:  # a full disk: the lock holds all the same, only unnamed
+        logger.warning(f"could not write this run's name into {path} ({e.strerror})")
     _held[path] = fd
     return True
 

@@ -69,8 +69,11 @@ def _handler(signum, frame):
         os.kill(os.getpid(), signal.SIGINT)
         return
     if name == "SIGINT" and os.getpid() == _state.pid:  # not from the workers that got it too
-        os.write(2, b"\nCtrl-C: finishing this step, then writing a checkpoint "
-                    b"(Ctrl-C again quits at once)\n")
+        try:  # os.write: safe in a handler, unlike logging or print
+            os.write(2, b"\nCtrl-C: finishing this step, then writing a checkpoint "
+                        b"(Ctrl-C again quits at once)\n")
+        except OSError:
+            pass
     if _CODE.get(name, 1) > _CODE.get(_state.received, 0):
         _state.received = name
 
