@@ -265,7 +265,7 @@ def main(args):
     du.init_distributed_mode(args)
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
-    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
+    preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
     # build data (with each image's dataset index, the key of the memory bank)
     train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,

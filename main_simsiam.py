@@ -149,7 +149,7 @@ def main(args):
     du.init_distributed_mode(args)
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss", "z_std")
-    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
+    preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
     # build data
     train_dataset = TwoViewDataset(args.data_path, args.size_crop, args.min_scale_crop,

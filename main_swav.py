@@ -196,7 +196,7 @@ def main(args):
                          f"{global_batch} (--batch_size x processes): the queue would be empty")
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
-    preemption.install()  # Slurm's USR1: finish the step, checkpoint mid-epoch, requeue
+    preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
     # build data
     train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,

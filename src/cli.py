@@ -8,16 +8,23 @@ from .checkpoint import CheckpointError
 from .engine import NonFiniteLossError
 from .monitor import CollapseError
 from .multicropdataset import BLURS, DataError
+from .preemption import INT_EXIT_CODE
 from .resnet50 import ARCHS
 from .utils import bool_flag
 
 
 def run_main(main, parser):
     """Parse, run `main(args)`; bad input ends with a one-line `error: ...` (exit status 1)."""
+    args = parser.parse_args()
     try:
-        return main(parser.parse_args())
+        check_shared_args(args)
+        return main(args)
     except (DataError, CheckpointError, ValueError, NonFiniteLossError, CollapseError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop (src/preemption.py: inside)
+        print(f"interrupted (Ctrl-C): no checkpoint written now; {args.dump_path} keeps the "
+              "last one", file=sys.stderr)
+        raise SystemExit(INT_EXIT_CODE) from None
     except RuntimeError as e:  # gloo/NCCL: a peer hung or died and a collective timed out
         if not (du.is_dist() and "timed out" in str(e).lower()):
             raise
@@ -26,6 +33,13 @@ def run_main(main, parser):
                  f"(train.log-RANK) [{str(e).strip().splitlines()[0][:200]}]")
     finally:
         du.destroy()
+
+
+def check_shared_args(args):
+    """One-line errors for the flags every entry point shares, before any work."""
+    if getattr(args, "width", 0) < 0:  # 0 is the arch's default; a negative one fails in a conv
+        raise ValueError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
+                         f"{args.width}")
 
 
 def add_multicrop_args(parser):

@@ -179,6 +179,15 @@ def gather(tensor, dst=0):
     return None if parts is None else [_move(p, tensor.device) for p in parts]
 
 
+def broadcast_object(obj, src=0):
+    """Rank `src`'s picklable `obj` on every rank (a verdict, a message); `obj` in one process."""
+    if get_world_size() == 1:
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
 def barrier():
     if get_world_size() > 1:
         dist.barrier()

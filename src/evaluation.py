@@ -509,7 +509,8 @@ SUPERVISED_COLUMNS = ("epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val"
 def eval_paths(args, name):
     """The evaluation's own files in dump_path, apart from a pre-training run's."""
     return {"checkpoint": os.path.join(args.dump_path, f"checkpoint_{name}.pth.tar"),
-            "stats": f"stats_{name}", "log": f"{name}.log", "params": f"params_{name}.pkl"}
+            "stats": f"stats_{name}", "log": f"{name}.log", "params": f"params_{name}.pkl",
+            "lock": f".lock_{name}"}
 
 
 def start_eval(args, name, columns=SUPERVISED_COLUMNS):
@@ -519,7 +520,7 @@ def start_eval(args, name, columns=SUPERVISED_COLUMNS):
     fix_random_seeds(args.seed)
     paths = eval_paths(args, name)
     _, stats = initialize_exp(args, *columns, stats_name=paths["stats"], log_name=paths["log"],
-                              params_name=paths["params"])
+                              params_name=paths["params"], lock_name=paths["lock"])
     return paths, stats, TensorBoard(args, name)
 
 

@@ -1,15 +1,25 @@
-"""Stop cleanly when Slurm warns that a job is about to end (time limit, preemption, or by hand),
-write a mid-epoch checkpoint, requeue the job and exit.
+"""Stop cleanly on a signal: finish the step, write a mid-epoch checkpoint, then requeue the
+Slurm job (SIGUSR1) or exit (SIGTERM, SIGINT).
 
-Slurm sends SIGUSR1 `<seconds>` before the time limit with `#SBATCH --signal=USR1@<seconds>`, or
-on demand with `scancel --signal=USR1 <jobid>`; both reach every task of the job's steps. The
-handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every step;
-it all-reduces the flag, so every rank stops after the same step even when the signal reached the
-ranks at different moments. The entry point then writes a checkpoint at that iteration and calls
-`exit_after_checkpoint()`: under Slurm rank 0 runs `scontrol requeue $SLURM_JOB_ID` and every rank
-exits 0 (the requeued job resumes from the checkpoint); without Slurm, or when the requeue fails,
-every rank exits with REQUEUE_EXIT_CODE so a wrapper can tell "stopped, run me again" from success
-(0) and from an error (1).
+- SIGUSR1: Slurm's warning that the job is about to end (`#SBATCH --signal=USR1@<seconds>`, or
+  `scancel --signal=USR1 <jobid>`). After the checkpoint, under Slurm rank 0 runs
+  `scontrol requeue $SLURM_JOB_ID` and every rank exits 0 (the requeued job resumes from the
+  checkpoint); without Slurm, or when the requeue fails, every rank exits REQUEUE_EXIT_CODE (75)
+  so a wrapper can tell "stopped, run me again" from success (0) and from an error (1).
+- SIGTERM: `scancel`, torchrun stopping its workers, a container platform. The same checkpoint,
+  NO requeue (someone asked the job to end), exit TERM_EXIT_CODE (143 = 128 + 15, what a shell,
+  Slurm and Kubernetes report for a job ended by SIGTERM; 75 would make a retry-on-75 wrapper
+  restart a cancelled run). One step and one checkpoint write fit in Slurm's default 30 s
+  between SIGTERM and SIGKILL (KillWait).
+- SIGINT (Ctrl-C): the same checkpoint, then one line saying where it is, exit INT_EXIT_CODE
+  (130 = 128 + 2). A second Ctrl-C kills the process at once (the previous checkpoint stays
+  loadable: every save is atomic).
+
+The handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every
+step; it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
+after the same step and leaves the same way, even when the signal reached the ranks at different
+moments or only some of them. The entry point then writes a checkpoint at that iteration and
+calls `exit_after_checkpoint()`.
 
 Use in an entry point (every rank runs the same calls):
     preemption.install()                      # before the loaders fork their workers
@@ -21,6 +31,7 @@ import logging
 import os
 import signal
 import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -31,13 +42,20 @@ logger = logging.getLogger()
 
 # EX_TEMPFAIL from sysexits.h: "temporary failure, the user is invited to retry"
 REQUEUE_EXIT_CODE = 75
+TERM_EXIT_CODE = 128 + signal.SIGTERM  # 143
+INT_EXIT_CODE = 128 + signal.SIGINT  # 130
+# the signals install() catches, weakest first: the all-reduced code picks how every rank leaves
+STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+_CODE = {sig.name: i + 1 for i, sig in enumerate(STOP_SIGNALS)}
 
 
 class _State:
     installed = False
     previous = {}     # signal -> the handler it had before install() / exit_after_checkpoint()
-    received = None   # name of the signal this process received, set by the handler
+    received = None   # name of the strongest signal this process received, set by the handler
     agreed = False    # every rank agreed to stop: sticky once True
+    kind = None       # the signal every rank agreed on (the strongest any rank received)
+    pid = None        # the process that installed (its forked DataLoader workers inherit all)
 
 
 _state = _State()
@@ -45,15 +63,28 @@ _state = _State()
 
 def _handler(signum, frame):
     # only set a flag: the step in progress finishes and the ranks agree before stopping
-    _state.received = signal.Signals(signum).name
+    name = signal.Signals(signum).name
+    if name == "SIGINT" and _state.received == "SIGINT":  # a second Ctrl-C: quit now
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return
+    if name == "SIGINT" and os.getpid() == _state.pid:  # not from the workers that got it too
+        try:  # os.write: safe in a handler, unlike logging or print
+            os.write(2, b"\nCtrl-C: finishing this step, then writing a checkpoint "
+                        b"(Ctrl-C again quits at once)\n")
+        except OSError:
+            pass
+    if _CODE.get(name, 1) > _CODE.get(_state.received, 0):
+        _state.received = name
 
 
-def install(signals=(signal.SIGUSR1,)):
+def install(signals=STOP_SIGNALS):
     """Catch `signals` in this process (call from the main thread, before DataLoader workers are
-    forked: they inherit the handler, so the signal Slurm also sends them does not kill them)."""
+    forked: they inherit the handler, so the signal Slurm or a Ctrl-C also sends them does not
+    kill them with a traceback; their own flag is never read)."""
     for sig in signals:
         _state.previous.setdefault(sig, signal.signal(sig, _handler))
-    _state.installed = True
+    _state.installed, _state.pid = True, os.getpid()
 
 
 def reset():
@@ -62,7 +93,7 @@ def reset():
     for sig, handler in _state.previous.items():
         signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     _state.previous = {}
-    _state.installed, _state.received, _state.agreed = False, None, False
+    _state.installed, _state.received, _state.agreed, _state.kind = False, None, False, None
 
 
 def requested():
@@ -78,28 +109,40 @@ def should_stop():
         return False
     if _state.agreed:
         return True
-    flag = 1 if _state.received else 0
+    flag = _CODE.get(_state.received, 0)
     if du.get_world_size() > 1:
         flag = int(du.all_reduce(torch.tensor([flag], dtype=torch.int32), dist.ReduceOp.MAX))
     if flag:
-        _state.agreed = True
-        how = f"received {_state.received}" if _state.received else "another rank received it"
+        _state.agreed, _state.kind = True, STOP_SIGNALS[flag - 1].name
+        how = (f"received {_state.received}" if _state.received == _state.kind
+               else f"another rank received {_state.kind}")
         logger.warning(f"stop requested ({how}): finishing this step, then checkpointing")
     return _state.agreed
 
 
 def exit_after_checkpoint(args):
-    """After rank 0 wrote the checkpoint (all ranks call this): requeue the Slurm job and exit 0,
-    or exit REQUEUE_EXIT_CODE without Slurm. Raises SystemExit."""
-    # scontrol requeue makes Slurm send SIGTERM to this job's processes: ignore it for the few
-    # moments we need to leave cleanly (SIGKILL still comes after Slurm's KillWait)
+    """After rank 0 wrote the checkpoint (all ranks call this). SIGUSR1: requeue the Slurm job
+    and exit 0, or exit REQUEUE_EXIT_CODE without Slurm. SIGTERM / SIGINT: no requeue, exit
+    TERM_EXIT_CODE / INT_EXIT_CODE, rank 0's last line naming the checkpoint. Raises SystemExit."""
+    # scontrol requeue makes Slurm send SIGTERM to this job's processes, and Slurm or torchrun
+    # may repeat theirs: ignore it for the few moments we need to leave cleanly (SIGKILL still
+    # comes after Slurm's KillWait)
     _state.previous.setdefault(signal.SIGTERM, signal.signal(signal.SIGTERM, signal.SIG_IGN))
     du.barrier()  # rank 0's checkpoint is on disk before anyone requeues or leaves
     job = os.environ.get("SLURM_JOB_ID")
-    code = REQUEUE_EXIT_CODE
+    kind = _state.kind or "SIGUSR1"
+    code, last_line = REQUEUE_EXIT_CODE, None
     if args.rank == 0:
         where = os.path.join(args.dump_path, "checkpoint.pth.tar")
-        if job:
+        if kind == "SIGINT":
+            code = INT_EXIT_CODE
+            last_line = (f"interrupted (Ctrl-C): checkpoint at {where} (this step): run the same "
+                         f"command again to resume")
+        elif kind == "SIGTERM":
+            code = TERM_EXIT_CODE
+            last_line = (f"stopped by SIGTERM (not requeued): checkpoint at {where}: run the "
+                         f"same command again to resume (exit status {code})")
+        elif job:
             code = _requeue(job, where)
         else:
             logger.warning(f"stopped by a signal; checkpoint at {where}: run the same command "
@@ -108,6 +151,9 @@ def exit_after_checkpoint(args):
         code = int(du.broadcast(torch.tensor([code], dtype=torch.int32), 0))
     du.destroy()
     logger.info(f"exiting with status {code}")
+    if last_line:  # the last line on the console
+        logger.warning(last_line)
+        sys.stderr.flush()
     raise SystemExit(code)
 
 

@@ -10,6 +10,7 @@ import subprocess
 import numpy as np
 import torch
 
+from .lock import PRETRAINING_LOCK, lock_dump_path
 from .logger import PD_Stats, create_logger
 
 FALSY_STRINGS = {"off", "false", "0"}
@@ -89,13 +90,15 @@ def git_sha():
 
 
 def initialize_exp(params, *stat_columns, stats_name="stats", log_name="train.log",
-                   params_name="params.pkl"):
-    """Dump params, create the checkpoint folder, the logger and the stats frame of this rank.
+                   params_name="params.pkl", lock_name=PRETRAINING_LOCK):
+    """Lock the dump path, dump params, create the checkpoint folder, the logger and the stats
+    frame of this rank.
 
     Returns (logger, PD_Stats). Files: params.pkl, train.log[-rank], {stats_name}{rank}.pkl
-    (the evaluations pass their own names so they can share a pre-training run's dump_path).
+    (the evaluations pass their own names so they can share a pre-training run's dump_path),
+    and the lock file `lock_name` (src/lock.py): a second run on the same files refuses.
     """
-    os.makedirs(params.dump_path, exist_ok=True)
+    lock_dump_path(params, lock_name)  # before anything in the folder is read or written
     params.dump_checkpoints = os.path.join(params.dump_path, "checkpoints")
     if params.rank == 0:
         os.makedirs(params.dump_checkpoints, exist_ok=True)

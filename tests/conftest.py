@@ -68,6 +68,15 @@ def tiny_swav_argv(data, dump, extra=()):
             "--arch", "resnet18", "--width", "8", "--cifar_stem", "true", *extra]
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_back():
+    """A main() run in the test process installs its stop-signal handlers (src/preemption.py):
+    give SIGTERM and SIGINT back to pytest afterwards."""
+    yield
+    from src import preemption
+    preemption.reset()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs CUDA; skipped without it (tests/test_gpu.py)")
 

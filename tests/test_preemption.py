@@ -5,6 +5,8 @@ resumed run ends with the same weights and stats as an uninterrupted one. The re
 import os
 import shutil
 import signal
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -13,7 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import main_swav
-from conftest import tiny_swav_argv
+from conftest import ROOT, make_image_folder, tiny_swav_argv
 from src import preemption
 
 
@@ -31,18 +33,28 @@ def _main(argv):
     return main_swav.main(parser.parse_args(argv))
 
 
-def _signal_at_step(monkeypatch, step):
-    """Send this process SIGUSR1 during the `step`-th loss computation (0-based, whole run)."""
+def _signal_at_step(monkeypatch, step, sig=signal.SIGUSR1):
+    """Send this process `sig` during the `step`-th loss computation (0-based, whole run)."""
     calls = {"n": 0}
     loss_fn = main_swav.swav_loss
 
     def wrapped(*a, **kw):
         if calls["n"] == step:
-            os.kill(os.getpid(), signal.SIGUSR1)
+            os.kill(os.getpid(), sig)
         calls["n"] += 1
         return loss_fn(*a, **kw)
 
     monkeypatch.setattr(main_swav, "swav_loss", wrapped)
+
+
+def _fake_scontrol(tmp_path, monkeypatch, status=0):
+    """A Slurm job whose `scontrol` records its arguments in tmp_path/called."""
+    fake = tmp_path / "scontrol"
+    fake.write_text(f'#!/bin/bash\necho "$@" >> {tmp_path}/called\nexit {status}\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    return tmp_path / "called"
 
 
 def _load(dump):
@@ -56,11 +68,29 @@ EXTRA = ["--epochs", "2", "--queue_length", "16", "--epoch_queue_starts", "0",
          "--freeze_prototypes_niters", "2"]
 
 
-def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path, monkeypatch):
-    ref = str(tmp_path / "ref")
-    _main(tiny_swav_argv(image_folder, ref, EXTRA))
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """(data folder, dump path) of one uninterrupted run, the reference of the resumed runs."""
+    root = tmp_path_factory.mktemp("uninterrupted")
+    data = make_image_folder(str(root / "data"))
+    ref = str(root / "ref")
     preemption.reset()
+    _main(tiny_swav_argv(data, ref, EXTRA))
+    preemption.reset()
+    return data, ref
 
+
+def _assert_same_weights(dump, ref):
+    final, expected = _load(dump), _load(ref)
+    assert final["epoch"] == 2 and "start_iter" not in final
+    for key in expected["state_dict"]:
+        assert torch.equal(final["state_dict"][key], expected["state_dict"][key]), key
+    assert torch.equal(final["queue"], expected["queue"])
+    return final, expected
+
+
+def test_mid_epoch_stop_then_resume_equals_uninterrupted(uninterrupted, tmp_path, monkeypatch):
+    image_folder, ref = uninterrupted
     dump = str(tmp_path / "stopped")
     _signal_at_step(monkeypatch, 4)  # epoch 1, iteration 1
     with pytest.raises(SystemExit) as stop:
@@ -85,11 +115,7 @@ def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path,
     preemption.reset()
     monkeypatch.undo()
     _main(tiny_swav_argv(image_folder, dump, EXTRA))
-    final, expected = _load(dump), _load(ref)
-    assert final["epoch"] == 2 and "start_iter" not in final
-    for key in expected["state_dict"]:
-        assert torch.equal(final["state_dict"][key], expected["state_dict"][key]), key
-    assert torch.equal(final["queue"], expected["queue"])
+    final, expected = _assert_same_weights(dump, ref)
     stats = pd.read_pickle(os.path.join(dump, "stats0.pkl"))
     ref_stats = pd.read_pickle(os.path.join(ref, "stats0.pkl"))
     assert list(stats["epoch"]) == [0, 1]
@@ -102,6 +128,64 @@ def test_mid_epoch_stop_then_resume_equals_uninterrupted(image_folder, tmp_path,
     recovered = _load(corrupt)
     for key in expected["state_dict"]:  # resuming at the end of epoch 0 is exact too
         assert torch.equal(recovered["state_dict"][key], expected["state_dict"][key]), key
+
+
+def test_sigterm_checkpoints_mid_epoch_without_requeue(uninterrupted, tmp_path, monkeypatch):
+    """scancel / torchrun / a container platform: SIGTERM stops like USR1 but never requeues."""
+    image_folder, ref = uninterrupted
+    called = _fake_scontrol(tmp_path, monkeypatch)  # a Slurm job: USR1 would requeue it here
+
+    def unhandled(signum, frame):  # instead of dying with the test process
+        raise AssertionError("SIGTERM was not handled")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    dump = str(tmp_path / "stopped")
+    try:
+        _signal_at_step(monkeypatch, 4, signal.SIGTERM)  # epoch 1, iteration 1
+        with pytest.raises(SystemExit) as stop:
+            _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    finally:
+        preemption.reset()
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == preemption.TERM_EXIT_CODE == 143
+    assert not called.exists()  # no scontrol requeue
+    ckp = _load(dump)
+    assert ckp["epoch"] == 1 and ckp["start_iter"] == 2
+    log = open(os.path.join(dump, "train.log")).read()
+    assert "stop requested (received SIGTERM)" in log and "not requeued" in log
+
+    monkeypatch.undo()  # the rerun, no signal: resumes at that iteration, ends as uninterrupted
+    _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    assert "resuming epoch 1 at iteration 2" in open(os.path.join(dump, "train.log")).read()
+    _assert_same_weights(dump, ref)
+    assert not called.exists()
+
+
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint(image_folder, tmp_path):
+    """Ctrl-C in a terminal: SIGINT to the process group (the run and its loader workers)."""
+    dump = str(tmp_path / "run")
+    argv = tiny_swav_argv(image_folder, dump, ["--epochs", "50", "--workers", "2"])
+    proc = subprocess.Popen([sys.executable, "main_swav.py", *argv], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        err = []
+        for line in proc.stderr:  # the first step is under way: the workers are forked
+            err.append(line)
+            if "Epoch: [0][0]" in line:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        err.append(proc.communicate(timeout=120)[1])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    err = "".join(err)
+    assert "Traceback" not in err and "Error" not in err, err[-3000:]  # nor from the workers
+    where = os.path.join(dump, "checkpoint.pth.tar")
+    last = err.strip().splitlines()[-1]
+    assert f"interrupted (Ctrl-C): checkpoint at {where}" in last, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]  # 128 + SIGINT, as a shell reports Ctrl-C
+    assert _load(dump)["epoch"] < 50  # a checkpoint of this step, loadable
 
 
 def test_signal_on_last_step_ends_epoch_normally(image_folder, tmp_path, monkeypatch):
@@ -123,11 +207,7 @@ def test_not_installed_never_stops():
 @pytest.mark.parametrize("scontrol_status,expected", [(0, 0), (1, preemption.REQUEUE_EXIT_CODE)])
 def test_requeue_under_slurm(tmp_path, monkeypatch, scontrol_status, expected):
     """Rank 0 runs `scontrol requeue $SLURM_JOB_ID`: exit 0 when it worked, 75 when it did not."""
-    fake = tmp_path / "scontrol"
-    fake.write_text(f'#!/bin/bash\necho "$@" > {tmp_path}/called\nexit {scontrol_status}\n')
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    _fake_scontrol(tmp_path, monkeypatch, scontrol_status)
     args = main_swav.get_args_parser().parse_args(["--dump_path", str(tmp_path)])
     args.rank, args.world_size = 0, 1
     with pytest.raises(SystemExit) as stop:

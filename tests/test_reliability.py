@@ -1,15 +1,18 @@
 """Reliability (issue 20): the original's checkpoints with numpy scalars load under
 weights_only=True, non-finite model state is never saved over the last good checkpoint, a full
 disk ends in one line and keeps the previous file, weights that leave much of the backbone
-random are refused."""
+random are refused; a --dump_path that is a file and a negative --width are one-line errors."""
 import errno
 import os
+import runpy
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
+from conftest import ROOT, tiny_swav_argv
 from src import checkpoint as ck
 from src.pretrained import load_pretrained
 
@@ -72,3 +75,40 @@ def test_weights_with_most_of_the_backbone_missing_are_refused(tmp_path):
     with pytest.raises(ck.CheckpointError, match="would stay at their random initialisation"):
         load_pretrained(model, path)
     load_pretrained(model, path, allow_missing=True)  # asked for: loads and warns once
+
+
+def _script(monkeypatch, script, argv):
+    """The one-line exit message of `script`'s own __main__ block run with `argv`, here (a
+    subprocess costs an import of torch)."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    message = str(exit_.value.code)  # sys.exit("error: ..."): printed as is, exit status 1
+    assert "\n" not in message, message
+    return message
+
+
+@pytest.mark.parametrize("script", ["main_swav.py", "main_deepclusterv2.py", "main_simsiam.py",
+                                    "eval_linear.py", "eval_semisup.py", "eval_knn.py"])
+def test_negative_width_is_one_line(script, tmp_path, monkeypatch):
+    message = _script(monkeypatch, script, ["--width", "-3", "--dump_path", str(tmp_path / "r")])
+    assert message == "error: --width must be > 0 (or 0: the arch's default, 64 x widen), got -3"
+    assert not os.path.exists(tmp_path / "r")  # refused before any work
+
+
+def test_negative_width_on_a_real_run_is_one_line(image_folder, tmp_path, monkeypatch):
+    # without the check the tiny run reaches the model and dies in a convolution's constructor
+    argv = tiny_swav_argv(image_folder, str(tmp_path / "r"), ["--width", "-3"])
+    assert "--width must be > 0" in _script(monkeypatch, "main_swav.py", argv)
+
+
+@pytest.mark.parametrize("script", ["main_swav.py", "eval_knn.py"])
+@pytest.mark.parametrize("under", ["", "sub"])
+def test_dump_path_naming_a_file_is_one_line(script, under, image_folder, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+    dump = os.path.join(str(tmp_path / "a_file"), under) if under else str(tmp_path / "a_file")
+    message = _script(monkeypatch, script, tiny_swav_argv(image_folder, dump)
+                      if script == "main_swav.py" else ["--dump_path", dump])
+    expected = (f"error: --dump_path {dump} is a file, not a folder" if not under else
+                f"error: --dump_path {dump}: cannot create the folder (Not a directory)")
+    assert message.startswith(expected), message
