@@ -39,8 +39,8 @@ def _reusable_image_list(file, data_path):
         return None
     made_from = read_list_header(file).get("root")
     if made_from != os.path.abspath(data_path):
-        logger.info(f"{file} was made from {made_from}, not {os.path.abspath(data_path)}: "
-                    "listing the images again")
+        logger.warning(f"{file} was made from {made_from}, not {os.path.abspath(data_path)}: "
+                       "listing the images again")
         return None
     if os.path.isfile(data_path) and os.path.getmtime(data_path) > os.path.getmtime(file):
         return None  # the list given was edited since
