@@ -77,7 +77,13 @@ def job_image_list(args):
     if du.all_reduce(failed).item():
         raise DataError(f"rank 0 could not list the images of --data_path {args.data_path!r} "
                         "(its log says why)")
-    return images if images is not None else read_list_file(file, check_exists=False)
+    if images is not None:
+        return images
+    try:
+        return read_list_file(file, check_exists=False)
+    except OSError as e:
+        raise DataError(f"rank {args.rank} cannot read the image list rank 0 wrote ({e}): "
+                        "--dump_path must be on a file system every node sees") from None
 
 
 def build_train_data(args, make_dataset):

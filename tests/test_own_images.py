@@ -192,6 +192,24 @@ def test_resumed_run_reuses_the_list_and_another_data_path_gets_a_fresh_one(tmp_
     assert len(job_image_list(_job_args(listed, dump))) == 5
 
 
+def test_a_rank_0_that_finds_no_image_stops_every_rank_in_one_line(tmp_path, monkeypatch):
+    from src import engine
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    reduced = []  # rank 0 takes part in the verdict's all-reduce before raising
+    monkeypatch.setattr(engine.du, "all_reduce", lambda t: reduced.append(int(t)) or t)
+    with pytest.raises(DataError, match="contains no images"):
+        engine.job_image_list(_job_args(str(empty), str(tmp_path / "d0")))
+    assert reduced == [1]
+    # rank 1 (it walks nothing) learns rank 0's verdict from the all-reduce
+    monkeypatch.setattr(engine.du, "all_reduce", lambda t: t.fill_(1))
+    args = _job_args(str(empty), str(tmp_path / "d1"))
+    args.rank = 1
+    with pytest.raises(DataError, match=r"^rank 0 could not list the images of --data_path .*"
+                                        r"\(its log says why\)$"):
+        engine.job_image_list(args)
+
+
 _COUNTER = """
 import atexit, builtins, json, os, runpy, sys
 data = os.path.realpath(os.environ["COUNT_UNDER"])
