@@ -13,12 +13,13 @@ from src import preemption
 from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
-from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
+from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
                         run_epochs, set_lr)
+from src.imagelist import check_data_path
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
-from src.multicropdataset import MultiCropDataset, check_image_folder
+from src.multicropdataset import MultiCropDataset
 from src.resnet50 import build_backbone
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
@@ -87,7 +88,7 @@ def check_args(args):
         raise ValueError(f"--temperature must be > 0, got {args.temperature}")
     if args.nmb_kmeans_iters < 0:
         raise ValueError(f"--nmb_kmeans_iters must be >= 0, got {args.nmb_kmeans_iters}")
-    check_image_folder(args.data_path)
+    check_data_path(args.data_path)
 
 
 def check_memory_size(args, niter_per_ep):
@@ -267,14 +268,12 @@ def main(args):
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
     preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
-    # build data (with each image's dataset index, the key of the memory bank)
-    train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
-                                     args.min_scale_crops, args.max_scale_crops,
-                                     return_index=True, blur=args.blur,
-                                     strict_data=args.strict_data, augment=args.augment)
-    train_loader = build_loader(train_dataset, args)
+    # build data (with each image's dataset index, the key of the memory bank): the images of
+    # --data_path in any layout, looked for once per job
+    train_dataset, train_loader = build_train_data(args, lambda images: MultiCropDataset(
+        images, args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
+        return_index=True, blur=args.blur, strict_data=args.strict_data, augment=args.augment))
     check_memory_size(args, len(train_loader))
-    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
 
     # build model: one prototype head per k-means
     model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,

@@ -9,10 +9,11 @@ from src import distributed as du
 from src import preemption
 from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
-from src.engine import (EpochProgress, backward_and_step, build_loader, end_epoch,
+from src.engine import (EpochProgress, backward_and_step, build_train_data, end_epoch,
                         forward_context, prepare_model, resume_training_state, run_epochs,
                         set_lr, setup_precision)
-from src.multicropdataset import BLURS, check_image_folder
+from src.imagelist import check_data_path
+from src.multicropdataset import BLURS
 from src.resnet50 import build_backbone
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
                          normalized_std, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
@@ -92,7 +93,7 @@ def check_args(args):
     if not 0 < args.min_scale_crop <= args.max_scale_crop <= 1:
         raise ValueError("crop scales must satisfy 0 < --min_scale_crop <= --max_scale_crop <= 1, "
                          f"got ({args.min_scale_crop}, {args.max_scale_crop})")
-    check_image_folder(args.data_path)
+    check_data_path(args.data_path)
 
 
 def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=None, start_iter=0,
@@ -151,12 +152,10 @@ def main(args):
     logger_, training_stats = initialize_exp(args, "epoch", "loss", "z_std")
     preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
-    # build data
-    train_dataset = TwoViewDataset(args.data_path, args.size_crop, args.min_scale_crop,
-                                   args.max_scale_crop, blur=args.blur,
-                                   strict_data=args.strict_data, augment=args.augment)
-    train_loader = build_loader(train_dataset, args)
-    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
+    # build data: the images of --data_path in any layout, looked for once per job
+    train_dataset, train_loader = build_train_data(args, lambda images: TwoViewDataset(
+        images, args.size_crop, args.min_scale_crop, args.max_scale_crop, blur=args.blur,
+        strict_data=args.strict_data, augment=args.augment))
 
     # build model: a bare backbone (no SwAV head) under SimSiam's projector and predictor
     backbone = build_backbone(args.arch, zero_init_residual=args.zero_init_residual,

@@ -14,11 +14,12 @@ from src import preemption
 from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
-from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
+from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
                         run_epochs, set_lr)
+from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
-from src.multicropdataset import MultiCropDataset, check_image_folder
+from src.multicropdataset import MultiCropDataset
 from src.resnet50 import build_backbone
 from src.sinkhorn import distributed_sinkhorn
 from src.tensorboard import TensorBoard
@@ -85,7 +86,7 @@ def check_args(args):
         raise ValueError(f"--feat_dim must be >= 1, got {args.feat_dim}")
     if args.epsilon <= 0 or args.temperature <= 0:
         raise ValueError("--epsilon and --temperature must be > 0")
-    check_image_folder(args.data_path)
+    check_data_path(args.data_path)
 
 
 def swav_loss(output, q_per_crop, crops_for_assign, nmb_crops_total, bs, temperature):
@@ -198,12 +199,10 @@ def main(args):
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
     preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
 
-    # build data
-    train_dataset = MultiCropDataset(args.data_path, args.size_crops, args.nmb_crops,
-                                     args.min_scale_crops, args.max_scale_crops, blur=args.blur,
-                                     strict_data=args.strict_data, augment=args.augment)
-    train_loader = build_loader(train_dataset, args)
-    logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
+    # build data: the images of --data_path in any layout, looked for once per job
+    train_dataset, train_loader = build_train_data(args, lambda images: MultiCropDataset(
+        images, args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
+        blur=args.blur, strict_data=args.strict_data, augment=args.augment))
 
     # build model
     model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,

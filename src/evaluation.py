@@ -24,7 +24,8 @@ from . import distributed as du
 from .amp import autocast, make_scaler, resolve_amp
 from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
                          model_state_dict, restart_from_checkpoint)
-from .multicropdataset import MEAN, STD, DataError, SafeImageFolder, check_image_folder
+from .imagelist import DataError, ImageList, find_images, require_labels
+from .multicropdataset import MEAN, STD, SafeImageFolder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
 from .tensorboard import TensorBoard
@@ -110,22 +111,23 @@ def eval_transforms(args):
 class EvalImageFolder(SafeImageFolder):
     """(image, label) ImageFolder; unreadable files skipped with a warning; labels can be fixed by
     a given class_to_idx (val uses train's); an item may be `(index, seed)` (SeededSampler) so
-    each image's augmentation depends only on its own seed."""
+    each image's augmentation depends only on its own seed. `root`: a path or an ImageList,
+    which must have classes."""
 
-    def __init__(self, root, transform=None, class_to_idx=None, strict_data=False):
-        self._given_classes = class_to_idx
-        super().__init__(root, transform=transform, strict_data=strict_data)
-
-    def find_classes(self, directory):
-        classes, class_to_idx = super().find_classes(directory)
-        if self._given_classes is None:
-            return classes, class_to_idx
-        unknown = sorted(set(classes) - set(self._given_classes))
-        if unknown:
-            raise DataError(f"class {unknown[0]!r} of {directory} is not in the training set "
-                            f"({len(unknown)} such class(es))")
-        given = sorted(self._given_classes, key=self._given_classes.get)
-        return given, dict(self._given_classes)
+    def __init__(self, root, transform=None, class_to_idx=None, strict_data=False,
+                 what="--data_path"):
+        images = require_labels(root if isinstance(root, ImageList) else find_images(root, what),
+                                what)
+        if class_to_idx is not None:
+            unknown = sorted(set(images.classes) - set(class_to_idx))
+            if unknown:
+                raise DataError(f"class {unknown[0]!r} of {images.root} is not in the training "
+                                f"set ({len(unknown)} such class(es))")
+            given = sorted(class_to_idx, key=class_to_idx.get)
+            images = ImageList(images.root, images.paths,
+                               [class_to_idx[images.classes[i]] for i in images.labels], given,
+                               images.layout)
+        super().__init__(images, transform=transform, strict_data=strict_data)
 
     def __getitem__(self, item):
         index, seed = item if isinstance(item, tuple) else (item, None)
@@ -143,21 +145,29 @@ class EvalImageFolder(SafeImageFolder):
 
 
 def check_train_val(data_path):
-    """One-line errors for a missing train/ or val/ (each must be an ImageFolder)."""
+    """The (train, val) ImageLists of --data_path, each found once; one-line errors for a list
+    file, a missing train/ or val/, or a split without class sub-folders (labels)."""
+    if data_path and os.path.isfile(data_path):
+        raise DataError(f"--data_path {data_path!r} is a list file: the evaluations train and "
+                        "score a classifier on labels, so they need a folder with train/<class>/"
+                        "<image> and val/<class>/<image>")
     if not data_path or not os.path.isdir(data_path):
         raise DataError(f"--data_path {data_path!r} does not exist or is not a folder")
+    splits = []
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(data_path, split)):
-            raise DataError(f"--data_path {data_path!r} has no {split}/ folder (expected "
-                            f"{data_path}/train/<class>/... and {data_path}/val/<class>/...)")
-        check_image_folder(os.path.join(data_path, split), what=f"{split}/ of --data_path")
+            raise DataError(f"--data_path {data_path!r} has no {split}/ folder: the evaluations "
+                            "train and score a classifier on labels, so they need "
+                            f"{data_path}/train/<class>/... and {data_path}/val/<class>/...")
+        what = f"{split}/ of --data_path"
+        splits.append(require_labels(find_images(os.path.join(data_path, split), what), what))
+    return tuple(splits)
 
 
 def build_eval_datasets(data_path, train_transform, val_transform):
-    check_train_val(data_path)
-    train = EvalImageFolder(os.path.join(data_path, "train"), train_transform)
-    val = EvalImageFolder(os.path.join(data_path, "val"), val_transform,
-                          class_to_idx=train.class_to_idx)
+    train_images, val_images = check_train_val(data_path)
+    train = EvalImageFolder(train_images, train_transform)
+    val = EvalImageFolder(val_images, val_transform, class_to_idx=train.class_to_idx)
     logger.info(f"data: {len(train)} train and {len(val)} val images, {len(train.classes)} classes")
     return train, val
 

@@ -9,10 +9,8 @@ across DataLoader workers). With a `SeededSampler` each sample is augmented from
 a function of (seed, epoch, index): the crops do not depend on the number of workers, and a
 resumed run (even mid-epoch) sees exactly the crops an uninterrupted run would have seen.
 """
-import collections
 import logging
 import math
-import os
 from contextlib import nullcontext
 
 import torch
@@ -21,62 +19,53 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 from PIL import Image, ImageFilter
 
-from .imagelist import DataError
+# IMG_EXTENSIONS, DataError: importable from here as before
+from .imagelist import IMG_EXTENSIONS, DataError, ImageList, class_counts, find_images  # noqa: F401
 
 logger = logging.getLogger()
 
 MEAN = [0.485, 0.456, 0.406]
 STD = [0.228, 0.224, 0.225]
 BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
 
 def check_image_folder(path, what="--data_path"):
-    """One-line errors for a missing folder, no class folder, or no image at all."""
-    if not path or not os.path.isdir(path):
-        raise DataError(f"{what} {path!r} does not exist or is not a folder")
-    classes = sorted(e.name for e in os.scandir(path) if e.is_dir())
-    if not classes:
-        raise DataError(f"{what} {path!r} has no class sub-folders (expected an ImageFolder: "
-                        f"{path}/<class>/<image>)")
-    counts, others = {}, collections.Counter()  # images per class; ignored files by extension
-    for c in classes:
-        n = 0
-        for _, _, files in os.walk(os.path.join(path, c), followlinks=True):
-            for f in files:
-                if f.lower().endswith(IMG_EXTENSIONS):
-                    n += 1
-                elif not f.startswith("."):  # hidden files (.DS_Store, ...) are not data
-                    others[os.path.splitext(f)[1].lower() or "(no extension)"] += 1
-        counts[c] = n
-    ignored = (f"{sum(others.values())} file(s) with other extensions: "
-               + ", ".join(f"{e} x{n}" for e, n in others.most_common(6))) if others else ""
-    if sum(counts.values()) == 0:
-        raise DataError(f"{what} {path!r} contains no images with extensions {IMG_EXTENSIONS}"
-                        + (f" (found {ignored})" if ignored else ""))
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        logger.warning(f"{what} {path!r}: {len(empty)} class folder(s) without images are "
-                       f"ignored: {empty[:5]}")
-    if ignored:
-        logger.warning(f"{what} {path!r}: ignored {ignored} (readable extensions: "
-                       f"{' '.join(IMG_EXTENSIONS)})")
-    return counts
+    """Images per class of a labelled folder (the evaluations'): one-line errors for a missing
+    path, no image at all, or no class sub-folders; warnings for ignored files and empty class
+    folders (src/imagelist.py)."""
+    return class_counts(path, what)
 
 
-class SafeImageFolder(datasets.ImageFolder):
-    """ImageFolder whose unreadable files are skipped with a warning naming them (or, with
-    strict_data, stop the run with the path), and whose empty classes are dropped instead of
-    raising."""
+class SafeImageFolder(datasets.VisionDataset):
+    """The images of a --data_path in any layout (an ImageList, or a path given to find_images),
+    as torchvision's ImageFolder shows them: .samples / .imgs (path, target), .targets, .classes,
+    .class_to_idx, .root; the target is the class index, 0 for images without classes.
+    Unreadable files are skipped with a warning naming them (or, with strict_data, stop the run
+    with the path)."""
 
     def __init__(self, root, transform=None, strict_data=False):
-        check_image_folder(root)
+        images = root if isinstance(root, ImageList) else find_images(root)
+        super().__init__(images.root, transform=transform)
+        self.images = images
+        self.classes = list(images.classes or [])
+        self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
+        self.samples = list(zip(images.paths, images.labels or [0] * len(images)))
+        self.imgs = self.samples
+        self.targets = [s[1] for s in self.samples]
         self.strict_data = strict_data
         # DataLoader workers hold copies of the dataset: each counts its bad files in its own
         # slot of a shared-memory tensor (shared under fork and spawn alike, no lock needed)
         self._nmb_bad = torch.zeros(1 + BAD_COUNT_SLOTS, dtype=torch.int64).share_memory_()
         self._nmb_bad_reported = 0
-        super().__init__(root, transform=transform, allow_empty=True)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, index):
+        image, used = self.load_image(index)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, self.samples[used][1]
 
     @property
     def nmb_bad_images(self):
@@ -88,14 +77,6 @@ class SafeImageFolder(datasets.ImageFolder):
         total = self.nmb_bad_images
         new, self._nmb_bad_reported = total - self._nmb_bad_reported, total
         return new
-
-    def find_classes(self, directory):
-        # only classes that hold at least one image, so labels match the data actually present
-        classes, _ = super().find_classes(directory)
-        keep = [c for c in classes if any(
-            f.lower().endswith(IMG_EXTENSIONS)
-            for _, _, files in os.walk(os.path.join(directory, c), followlinks=True) for f in files)]
-        return keep, {c: i for i, c in enumerate(keep)}
 
     def load_image(self, index):
         """(PIL image, index actually used): a bad file is replaced by the next good one."""
@@ -224,6 +205,8 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
 
 
 class MultiCropDataset(SafeImageFolder):
+    """`data_path`: an ImageList, or a path in any layout (src/imagelist.py find_images)."""
+
     def __init__(self, data_path, size_crops, nmb_crops, min_scale_crops, max_scale_crops,
                  size_dataset=-1, return_index=False, blur="pil", strict_data=False,
                  augment="fast"):

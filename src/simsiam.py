@@ -134,8 +134,9 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
 
 
 class TwoViewDataset(MultiCropDataset):
-    """Two SimSiam views per image. Reuses MultiCropDataset's image loading (bad files skipped)
-    and its per-sample seeding under a SeededSampler (exact resume); only the transform differs."""
+    """Two SimSiam views per image. Reuses MultiCropDataset's image loading (any layout of
+    images, bad files skipped) and its per-sample seeding under a SeededSampler (exact resume);
+    only the transform differs."""
 
     def __init__(self, data_path, size=224, min_scale=0.2, max_scale=1.0, blur="pil",
                  strict_data=False, augment="fast"):
