@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import main_deepclusterv2
+import main_simsiam
 import main_swav
 from conftest import tiny_swav_argv
 from src import distributed as du
@@ -159,14 +160,17 @@ def _rank(module, argv, rank, world, port, stop_step, out):
             os.environ.pop(k)
     preemption.reset()
     first, steps = {}, {"n": 0}
-    train, loss_name = module.train, ("swav_loss" if module is main_swav else "deepcluster_loss")
+    train = module.train
+    loss_name, state_args = {main_swav: ("swav_loss", slice(5, 6)),
+                             main_deepclusterv2: ("deepcluster_loss", slice(5, 7)),
+                             main_simsiam: ("simsiam_loss", slice(0, 0))}[module]
     loss_fn = getattr(module, loss_name)
 
     def recording_train(*a, **kw):
         if not first:  # the queue (SwAV) or memory bank (DC-v2) as re-sharded at resume
             # numpy: a tensor would cross the queue as shared memory that dies with this process
             first["state"] = [t.detach().cpu().numpy().copy() if t is not None else None
-                              for t in (a[5:7] if module is main_deepclusterv2 else a[5:6])]
+                              for t in a[state_args]]
         return train(*a, **kw)
 
     def signalling_loss(*a, **kw):
@@ -313,3 +317,26 @@ def test_deepclusterv2_2_to_1_to_2_processes_with_its_memory_bank(image_folder, 
     log = open(os.path.join(dump, "train.log")).read()
     assert "resuming epoch 0 at iteration 2" in log and "Start initializing" in log
     assert log.count("Start initializing the memory banks") == 1  # never filled again
+
+
+def test_simsiam_resumes_on_another_number_of_processes(image_folder, tmp_path, warm):
+    dump = str(tmp_path / "simsiam")
+    argv = lambda epochs, bs: [  # noqa: E731
+        "--data_path", image_folder, "--epochs", str(epochs), "--batch_size", str(bs),
+        "--size_crop", "16", "--dim", "32", "--pred_dim", "8", "--workers", "0", "--use_fp16",
+        "false", "--dump_path", dump, "--arch", "resnet18", "--width", "8", "--cifar_stem",
+        "true", "--device", "cpu"]
+    assert {r: c for r, (c, _) in _run(main_simsiam, argv(1, 4), 2).items()} == {0: 0, 1: 0}
+    # 1 process, stopped mid-epoch 1, then 2 processes again from that iteration
+    assert _run(main_simsiam, argv(2, 8), 1, stop_step=1)[0][0] == preemption.REQUEUE_EXIT_CODE
+    assert _load(dump)["start_iter"] == 2
+    assert {r: c for r, (c, _) in _run(main_simsiam, argv(2, 4), 2).items()} == {0: 0, 1: 0}
+    assert _load(dump)["epoch"] == 2
+    log = open(os.path.join(dump, "train.log")).read()
+    assert "resuming on 1 process(es), the checkpoint's run had 2" in log
+    assert "resuming on 2 process(es), the checkpoint's run had 1" in log
+    assert "resuming epoch 1 at iteration 2" in log
+    for rank in (0, 1):
+        stats = _stats(dump, rank)
+        assert list(stats["epoch"]) == [0, 1]
+        assert all(torch.isfinite(torch.tensor(list(stats["loss"]), dtype=torch.float64)))
