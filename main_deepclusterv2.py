@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from src import distributed as du
 from src import preemption
-from src.checkpoint import CheckpointError, atomic_save, merge_shards, reshard, safe_load, unwrap
+from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
@@ -203,16 +203,11 @@ def reshard_memory_bank(banks, old_batch, args, rows, path):
         logger.warning(f"memory bank of {old_rows} samples -> {rows} (another global batch or "
                        "epoch length): " + ("the first ones are kept" if rows < old_rows else
                                             f"{rows - old_rows} samples repeated from the start"))
-
-    def repeat(flat):  # n more rows: the global bank's first ones again
-        return lambda n: flat[torch.arange(n) % len(flat)]
-    new_index = reshard(list(index), old_batch, args.world_size, args.batch_size, dim=0,
-                        rows=rows, fill=repeat(merge_shards(list(index), old_batch)),
-                        what=f"{path}: the memory bank")
-    merged = merge_shards(list(embeddings), old_batch, dim=1).movedim(1, 0)
-    new_embeddings = reshard(list(embeddings), old_batch, args.world_size, args.batch_size,
-                             dim=1, rows=rows, fill=repeat(merged), what=f"{path}: the memory bank")
-    return new_index[args.rank], new_embeddings[args.rank]
+    new_index, new_embeddings = (
+        reshard(list(t), old_batch, args.world_size, args.batch_size, dim=dim, rows=rows,
+                pad="repeat", what=f"{path}: the memory bank")[args.rank]
+        for t, dim in ((index, 0), (embeddings, 1)))
+    return new_index, new_embeddings
 
 
 def save_memory_bank(args, local_memory_index, local_memory_embeddings):

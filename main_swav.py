@@ -186,8 +186,7 @@ def load_queue(args, expected_shape, epoch, to_restore):
                            f"{min(old_rows, rows)} rows are kept" + (
                                ", the rest starts empty" if rows > old_rows else ""))
         queue = reshard(list(queues), saved["batch_size"], args.world_size, args.batch_size,
-                        dim=1, rows=rows, what=f"{path}: the queue",
-                        fill=lambda n: queues.new_zeros(n, crops, dim))[args.rank]
+                        dim=1, rows=rows, what=f"{path}: the queue")[args.rank]
     else:
         path = queue_path(args)
         if not os.path.isfile(path):

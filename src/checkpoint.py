@@ -391,22 +391,29 @@ def split_shards(rows, world_size, batch_size, dim=0, what="rows"):
     return [s.reshape(-1, *rest).movedim(0, dim) for s in x]
 
 
-def reshard(shards, old_batch, world_size, batch_size, dim=0, rows=None, fill=None, what="rows"):
+def reshard(shards, old_batch, world_size, batch_size, dim=0, rows=None, pad="zeros",
+            what="rows"):
     """Re-shard per-rank `shards` (batches of `old_batch` rows) for `world_size` ranks with
     batches of `batch_size`. `rows`: the new global row count (default: unchanged); fewer keep
-    the first rows, more append `fill(n)` (n rows, rows along dim 0). Returns the new shards."""
+    the first rows; more append zero rows (pad="zeros": the queue's empty rows) or the first rows
+    again (pad="repeat": the memory bank's rows must be real samples). Returns the new shards."""
     merged = merge_shards(shards, old_batch, dim).movedim(dim, 0)
     rows = len(merged) if rows is None else rows
-    if rows < len(merged):
+    if rows <= len(merged):
         merged = merged[:rows]
-    elif rows > len(merged):
-        merged = torch.cat([merged, fill(rows - len(merged)).to(merged)])
+    else:
+        extra = merged[torch.arange(rows - len(merged)) % len(merged)]
+        merged = torch.cat([merged, torch.zeros_like(extra) if pad == "zeros" else extra])
     return split_shards(merged.movedim(0, dim), world_size, batch_size, dim, what)
 
 
 # flags that describe the processes, not the run: not compared on resume
 RUNTIME_FLAGS = {"rank", "local_rank", "world_size", "gpu_to_work_on", "dump_checkpoints",
                  "dump_path", "resume", "dist_url", "allow_batch_change"}
+
+
+def _processes(n):
+    return f"{n} process" if n == 1 else f"{n} processes"
 
 
 def check_resume_flags(saved, args, path):
@@ -436,18 +443,18 @@ def check_resume_flags(saved, args, path):
         return None
     old_global, new_global = old_bs * old_ws, args.batch_size * args.world_size
     if old_ws != args.world_size:
-        logger.warning(f"resuming on {args.world_size} process(es), the checkpoint's run had "
+        logger.warning(f"resuming on {_processes(args.world_size)}, the checkpoint's run had "
                        f"{old_ws}: per-process batch {old_bs} -> {args.batch_size}, global "
                        f"batch {old_global} -> {new_global}")
     if old_global != new_global:
-        same = (f"--batch_size {old_global // args.world_size} on {args.world_size} process(es)"
-                if old_global % args.world_size == 0 else f"{old_ws} process(es)")
+        same = (f"--batch_size {old_global // args.world_size} on {_processes(args.world_size)}"
+                if old_global % args.world_size == 0 else _processes(old_ws))
         if not getattr(args, "allow_batch_change", False):
             raise CheckpointError(
                 f"{path}: the global batch would change from {old_global} (--batch_size {old_bs} "
-                f"x {old_ws} processes) to {new_global} (--batch_size {args.batch_size} x "
-                f"{args.world_size}): resume with {same}, or pass --allow_batch_change true "
-                "(the schedule is then mapped by epochs done)")
+                f"x {_processes(old_ws)}) to {new_global} (--batch_size {args.batch_size} x "
+                f"{_processes(args.world_size)}): resume with {same}, or pass "
+                "--allow_batch_change true (the schedule is then mapped by epochs done)")
         logger.warning(f"--allow_batch_change: global batch {old_global} -> {new_global}; the "
                        "learning-rate schedule continues from the epochs done (its "
                        "per-iteration steps are this run's)")

@@ -80,9 +80,11 @@ def test_reshard_to_another_length_keeps_the_first_rows():
     merged = merge_shards(shards, 4, dim=1)
     shorter = reshard(shards, 4, 1, 8, dim=1, rows=8)[0]
     torch.testing.assert_close(shorter, merged[:, :8])
-    longer = reshard(shards, 4, 1, 8, dim=1, rows=24, fill=lambda n: torch.zeros(n, 2, 3))[0]
+    longer = reshard(shards, 4, 1, 8, dim=1, rows=24)[0]  # the queue: empty rows at the end
     torch.testing.assert_close(longer[:, :16], merged)
     assert not longer[:, 16:].any()
+    repeated = reshard(shards, 4, 1, 8, dim=1, rows=24, pad="repeat")[0]  # the memory bank
+    torch.testing.assert_close(repeated, torch.cat([merged, merged[:, :8]], 1))
 
 
 # ----------------------------------------------------------------------------- flags
@@ -109,7 +111,7 @@ def test_flag_differences_are_logged_and_a_global_batch_change_refused(caplog):
     assert "resuming with --base_lr 4.8 -> 0.6 (the checkpoint's run had the first)" in lines
     assert "resuming with --batch_size 8 -> 16 (the checkpoint's run had the first)" in lines
     assert not any("--rank" in line for line in lines)  # not a flag of the run
-    assert any(line.startswith("resuming on 1 process(es), the checkpoint's run had 2") for line
+    assert any(line.startswith("resuming on 1 process, the checkpoint's run had 2") for line
                in lines)
 
     args.batch_size = 8
@@ -117,7 +119,7 @@ def test_flag_differences_are_logged_and_a_global_batch_change_refused(caplog):
         check_resume_flags(saved, args, "ckp")
     message = str(refused.value)
     assert message == ("ckp: the global batch would change from 16 (--batch_size 8 x 2 processes) "
-                       "to 8 (--batch_size 8 x 1): resume with --batch_size 16 on 1 process(es), "
+                       "to 8 (--batch_size 8 x 1 process): resume with --batch_size 16 on 1 process, "
                        "or pass --allow_batch_change true (the schedule is then mapped by epochs "
                        "done)")
     args.allow_batch_change = True
@@ -236,7 +238,7 @@ def test_swav_2_to_1_to_2_processes_with_a_queue(image_folder, tmp_path, warm):
                                                                      "--batch_size", "4"]), 1)
     assert refused[0][0].startswith("CheckpointError: ")
     assert ("global batch would change from 8 (--batch_size 4 x 2 processes) to 4 (--batch_size "
-            "4 x 1)") in refused[0][0]
+            "4 x 1 process)") in refused[0][0]
     allowed = _run(main_swav, tiny_swav_argv(image_folder, other, [
         *SWAV, "--epochs", "2", "--batch_size", "4", "--allow_batch_change", "true",
         "--base_lr", "1.2"]), 1, stop_step=0)  # one step is enough: stop, mid-epoch checkpoint
@@ -333,8 +335,8 @@ def test_simsiam_resumes_on_another_number_of_processes(image_folder, tmp_path, 
     assert {r: c for r, (c, _) in _run(main_simsiam, argv(2, 4), 2).items()} == {0: 0, 1: 0}
     assert _load(dump)["epoch"] == 2
     log = open(os.path.join(dump, "train.log")).read()
-    assert "resuming on 1 process(es), the checkpoint's run had 2" in log
-    assert "resuming on 2 process(es), the checkpoint's run had 1" in log
+    assert "resuming on 1 process, the checkpoint's run had 2" in log
+    assert "resuming on 2 processes, the checkpoint's run had 1" in log
     assert "resuming epoch 1 at iteration 2" in log
     for rank in (0, 1):
         stats = _stats(dump, rank)
