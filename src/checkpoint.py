@@ -407,9 +407,10 @@ def reshard(shards, old_batch, world_size, batch_size, dim=0, rows=None, pad="ze
     return split_shards(merged.movedim(0, dim), world_size, batch_size, dim, what)
 
 
-# flags that describe the processes, not the run: not compared on resume
-RUNTIME_FLAGS = {"rank", "local_rank", "world_size", "gpu_to_work_on", "dump_checkpoints",
-                 "dump_path", "resume", "dist_url", "allow_batch_change"}
+# set per process (rank 1's device is cuda:1, the checkpoint holds rank 0's) or describing where
+# the run is, not what it computes: not compared on resume (the world size has its own line)
+RUNTIME_FLAGS = {"rank", "local_rank", "world_size", "gpu_to_work_on", "device",
+                 "dump_checkpoints", "dump_path", "resume", "dist_url", "allow_batch_change"}
 
 
 def _processes(n):
