@@ -107,7 +107,8 @@ def main(args):
             extract_features(model, val_dataset, args, pool=pool), args)
         forward = lambda x: linear_classifier(x.to(args.device, non_blocking=True))  # noqa: E731
     else:
-        train_loader = build_loader(train_dataset, args)  # per-image seeded augmentations
+        # per-image seeded augmentations; the last partial batch kept, as the original
+        train_loader = build_loader(train_dataset, args, drop_last=False)
         val_loader = shard_loader(val_dataset, args)
         forward = lambda x: linear_classifier(frozen_forward(model, x, args))  # noqa: E731
     logger.info("Building data done")

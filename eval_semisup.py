@@ -101,7 +101,7 @@ def main(args):
     train_tf, val_tf = eval_transforms(args)
     train_dataset, val_dataset = build_eval_datasets(args.data_path, train_tf, val_tf)
     train_dataset = labelled_train_set(args, train_dataset)
-    train_loader = build_loader(train_dataset, args)
+    train_loader = build_loader(train_dataset, args, drop_last=False)  # as the original
     val_loader = shard_loader(val_dataset, args)
     logger.info("Building data done with {} images loaded.".format(len(train_dataset)))
 

@@ -10,12 +10,12 @@ import torch.nn.functional as F
 
 from src import distributed as du
 from src import preemption
-from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
+from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr)
+                        run_epochs, set_lr, truncate_stats)
 from src.imagelist import check_data_path
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
@@ -146,23 +146,29 @@ def memory_bank_path(args):
 
 
 def load_memory_bank(args, to_restore, size_dataset, niter_per_ep):
-    """This rank's memory bank at resume: from our checkpoint (saved with it, every rank's), else
-    from the original's per-rank mb{rank}.pth; None when there is none. Checked against the run."""
+    """This rank's memory bank at resume: from our checkpoint (saved with it, every rank's) or
+    every rank's mb{rank}.pth of the run (--checkpoint_memory_bank false), re-sharded to this
+    run's processes and batch size (src/checkpoint.reshard: row block j of the global bank is
+    iteration j's global batch); else from the original's mb{rank}.pth (same world size only: it
+    does not record its batch size); None when there is none. Checked against the run."""
+    saved = to_restore.get("args")
     banks = to_restore.get("memory_bank")
+    path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    if banks is None and saved is not None:  # ours, without the banks: every rank's mb file
+        banks = load_memory_bank_files(args, saved.get("world_size", args.world_size))
+        path = os.path.join(args.dump_path, "mb*.pth")
+    rows = niter_per_ep * args.batch_size
     if banks is not None:
-        path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-        if len(banks["index"]) != args.world_size:
-            raise CheckpointError(f"{path}: holds the memory banks of {len(banks['index'])} "
-                                  f"processes, this run has {args.world_size}: resume with the "
-                                  "same number of processes")
-        index, embeddings = banks["index"][args.rank], banks["embeddings"][args.rank]
+        old_batch = saved["batch_size"] if saved is not None else args.batch_size
+        index, embeddings = reshard_memory_bank(banks, old_batch, args, rows * args.world_size,
+                                                path)
     elif os.path.isfile(memory_bank_path(args)):
         path = memory_bank_path(args)
-        saved = safe_load(path)
-        index, embeddings = saved["local_memory_index"], saved["local_memory_embeddings"]
+        saved_bank = safe_load(path)
+        index, embeddings = saved_bank["local_memory_index"], saved_bank["local_memory_embeddings"]
     else:
         return None
-    expected = (len(args.crops_for_assign), niter_per_ep * args.batch_size, args.feat_dim)
+    expected = (len(args.crops_for_assign), rows, args.feat_dim)
     if tuple(embeddings.shape) != expected or index.shape != expected[1:2]:
         raise CheckpointError(
             f"{path}: memory bank of shape {tuple(embeddings.shape)} does not fit this run "
@@ -172,6 +178,37 @@ def load_memory_bank(args, to_restore, size_dataset, niter_per_ep):
         raise CheckpointError(f"{path}: memory bank indexes images up to {int(index.max())}, "
                               f"the dataset has {size_dataset}: another dataset?")
     return index.to(args.device), embeddings.to(args.device)
+
+
+def load_memory_bank_files(args, world_size):
+    """{"index": [world, rows], "embeddings": [world, crops, rows, dim]} from mb0..mb{world-1}.pth
+    in dump_path, or None when one is missing."""
+    paths = [os.path.join(args.dump_path, f"mb{r}.pth") for r in range(world_size)]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    parts = [safe_load(p) for p in paths]
+    return {"index": torch.stack([p["local_memory_index"] for p in parts]),
+            "embeddings": torch.stack([p["local_memory_embeddings"] for p in parts])}
+
+
+def reshard_memory_bank(banks, old_batch, args, rows, path):
+    """This rank's (index, embeddings) from every rank's saved bank, for this run's processes
+    and batch size. The global bank keeps its rows in iteration order; a bank of another size
+    (another batch size, or an epoch one iteration longer or shorter when the sampler's padding
+    changes with the world size) keeps its first rows, or repeats them from the start: every
+    row holds a real sample, and the epoch overwrites them all (k-means needs each rank's rows
+    to be real embeddings, K of them on rank 0, and scatters the assignments by index)."""
+    index, embeddings = banks["index"], banks["embeddings"]
+    old_rows = index.shape[0] * index.shape[1]
+    if old_rows != rows:
+        logger.warning(f"memory bank of {old_rows} samples -> {rows} (another global batch or "
+                       "epoch length): " + ("the first ones are kept" if rows < old_rows else
+                                            f"{rows - old_rows} samples repeated from the start"))
+    new_index, new_embeddings = (
+        reshard(list(t), old_batch, args.world_size, args.batch_size, dim=dim, rows=rows,
+                pad="repeat", what=f"{path}: the memory bank")[args.rank]
+        for t, dim in ((index, 0), (embeddings, 1)))
+    return new_index, new_embeddings
 
 
 def save_memory_bank(args, local_memory_index, local_memory_embeddings):
@@ -286,7 +323,7 @@ def main(args):
     to_restore = resume_training_state(args, model, optimizer, scaler,
                                        extra_keys=["memory_bank"])
     start_epoch = to_restore["epoch"]
-    training_stats.truncate(start_epoch)
+    truncate_stats(training_stats, start_epoch)
     # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its assignments
     start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
 

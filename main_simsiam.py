@@ -11,7 +11,7 @@ from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
 from src.engine import (EpochProgress, backward_and_step, build_train_data, end_epoch,
                         forward_context, prepare_model, resume_training_state, run_epochs,
-                        set_lr, setup_precision)
+                        set_lr, setup_precision, truncate_stats)
 from src.imagelist import check_data_path
 from src.multicropdataset import BLURS
 from src.resnet50 import build_backbone
@@ -178,7 +178,7 @@ def main(args):
     # optionally resume from a checkpoint
     to_restore = resume_training_state(args, model, optimizer, scaler)
     start_epoch = to_restore["epoch"]
-    training_stats.truncate(start_epoch)
+    truncate_stats(training_stats, start_epoch)
     # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
     start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 
 from src import distributed as du
 from src import preemption
-from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
+from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr)
+                        run_epochs, set_lr, truncate_stats)
 from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
@@ -166,16 +166,28 @@ def queue_path(args):
 
 def load_queue(args, expected_shape, epoch, to_restore):
     """This rank's queue at resume. A checkpoint of ours holds every rank's queue (saved with
-    it, so always consistent); for a checkpoint of the original, read its per-rank queue file.
-    The queue is checked against the current flags."""
-    if to_restore.get("args") is not None:  # written by this code base
+    it, so always consistent): on another number of processes or batch size it is re-sharded
+    (src/checkpoint.reshard: the global queue keeps its rows and their age order), and a
+    changed --queue_length keeps the newest rows. For a checkpoint of the original, read this
+    rank's queue file (same world size only: it does not record its batch size). The queue is
+    checked against the current flags."""
+    saved = to_restore.get("args")
+    if saved is not None:  # written by this code base
         queues = to_restore.get("queue")
         if queues is None:
             return None
-        if len(queues) != args.world_size:
-            raise CheckpointError(f"the checkpoint holds queues of {len(queues)} processes, this "
-                                  f"run has {args.world_size}: resume with the same world size")
-        path, queue = os.path.join(args.dump_path, "checkpoint.pth.tar"), queues[args.rank]
+        path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+        crops, rows, dim = expected_shape[0], expected_shape[1] * args.world_size, expected_shape[2]
+        if tuple(queues.shape[1:2]) + tuple(queues.shape[3:]) != (crops, dim):
+            raise CheckpointError(f"{path}: queues of shape {tuple(queues.shape[1:])} do not fit "
+                                  f"this run (--crops_for_assign, --feat_dim: {crops} x {dim})")
+        old_rows = queues.shape[0] * queues.shape[2]
+        if old_rows != rows:
+            logger.warning(f"queue length {old_rows} -> {rows}: the newest "
+                           f"{min(old_rows, rows)} rows are kept" + (
+                               ", the rest starts empty" if rows > old_rows else ""))
+        queue = reshard(list(queues), saved["batch_size"], args.world_size, args.batch_size,
+                        dim=1, rows=rows, what=f"{path}: the queue")[args.rank]
     else:
         path = queue_path(args)
         if not os.path.isfile(path):
@@ -195,6 +207,8 @@ def main(args):
     if 0 < args.queue_length < global_batch:
         raise ValueError(f"--queue_length {args.queue_length} is smaller than the global batch "
                          f"{global_batch} (--batch_size x processes): the queue would be empty")
+    # the queue length rounded down to a multiple of the global batch, as the original
+    args.queue_length -= args.queue_length % global_batch
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
     preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
@@ -213,14 +227,13 @@ def main(args):
 
     # optionally resume from a checkpoint
     to_restore = resume_training_state(args, model, optimizer, scaler,
-                                       extra_keys=["queue", "args"])
+                                       extra_keys=["queue"])
     start_epoch = to_restore["epoch"]
-    training_stats.truncate(start_epoch)
+    truncate_stats(training_stats, start_epoch)
     # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
     start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
 
-    # build the queue (its length rounded down to a multiple of the global batch)
-    args.queue_length -= args.queue_length % (args.batch_size * args.world_size)
+    # build the queue: this rank's share of the global queue
     queue_shape = (len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim)
     queue = None
     if args.queue_length > 0:

@@ -358,3 +358,132 @@ def restart_from_checkpoint(ckp_paths, run_variables=None, fallback=False, **kwa
             if var_name in checkpoint:
                 run_variables[var_name] = checkpoint[var_name]
     return path
+
+
+# ----------------------------------------------------------------------------- elastic resume
+# Per-rank state whose rows follow the iterations (SwAV's queue, DeepCluster-v2's memory bank)
+# is re-sharded when a run resumes on another number of processes. Its global order: rank r
+# fills rows [j*B, (j+1)*B) of its shard with its part of global batch j (queue: j batches ago;
+# memory bank: iteration j of the epoch), so global row block j (B x world size rows) is
+# rank 0's block j, then rank 1's, ...: the rows of global batch j. Splitting that order again
+# keeps every row's age (queue) or iteration (memory bank), whatever the world size.
+def merge_shards(shards, batch_size, dim=0):
+    """The global tensor of every rank's shard (rows along `dim`), in the order above."""
+    shards = [s.movedim(dim, 0) for s in shards]
+    rows, rest = shards[0].shape[0], tuple(shards[0].shape[1:])
+    if rows % batch_size or any(s.shape != shards[0].shape for s in shards):
+        raise CheckpointError(f"per-process shards of shapes {[tuple(s.shape) for s in shards]} "
+                              f"are not whole batches of {batch_size} rows")
+    x = torch.stack(shards).reshape(len(shards), rows // batch_size, batch_size, *rest)
+    return x.transpose(0, 1).reshape(-1, *rest).movedim(0, dim)
+
+
+def split_shards(rows, world_size, batch_size, dim=0, what="rows"):
+    """Every rank's shard of the global `rows` (the inverse of merge_shards): the row count must
+    be a multiple of the global batch, as the original's rule for --queue_length."""
+    x = rows.movedim(dim, 0)
+    n, rest, global_batch = x.shape[0], tuple(x.shape[1:]), batch_size * world_size
+    if n % global_batch:
+        raise CheckpointError(f"{what}: {n} rows are not a multiple of the global batch "
+                              f"{global_batch} (--batch_size {batch_size} x {world_size} "
+                              "processes), which each process's share must be made of")
+    x = x.reshape(n // global_batch, world_size, batch_size, *rest).transpose(0, 1)
+    return [s.reshape(-1, *rest).movedim(0, dim) for s in x]
+
+
+def reshard(shards, old_batch, world_size, batch_size, dim=0, rows=None, pad="zeros",
+            what="rows"):
+    """Re-shard per-rank `shards` (batches of `old_batch` rows) for `world_size` ranks with
+    batches of `batch_size`. `rows`: the new global row count (default: unchanged); fewer keep
+    the first rows; more append zero rows (pad="zeros": the queue's empty rows) or the first rows
+    again (pad="repeat": the memory bank's rows must be real samples). Returns the new shards."""
+    merged = merge_shards(shards, old_batch, dim).movedim(dim, 0)
+    rows = len(merged) if rows is None else rows
+    if rows <= len(merged):
+        merged = merged[:rows]
+    else:
+        extra = merged[torch.arange(rows - len(merged)) % len(merged)]
+        merged = torch.cat([merged, torch.zeros_like(extra) if pad == "zeros" else extra])
+    return split_shards(merged.movedim(0, dim), world_size, batch_size, dim, what)
+
+
+# set per process (rank 1's device is cuda:1, the checkpoint holds rank 0's) or describing where
+# the run is, not what it computes: not compared on resume (the world size has its own line)
+RUNTIME_FLAGS = {"rank", "local_rank", "world_size", "gpu_to_work_on", "device",
+                 "dump_checkpoints", "dump_path", "resume", "dist_url", "allow_batch_change"}
+
+
+def _processes(n):
+    return f"{n} process" if n == 1 else f"{n} processes"
+
+
+def check_resume_flags(saved, args, path):
+    """Compare the flags recorded in checkpoint `path` (its "args" entry: the run that wrote it)
+    with this run's: one log line per difference (old -> new), one for a change of world size.
+    A change of the global batch (--batch_size x processes) is refused with a one-line error
+    unless --allow_batch_change. Returns the checkpoint's global batch, or None when it records
+    no flags (a checkpoint of the original)."""
+    if not saved:
+        logger.warning(f"{path} records no flags (a checkpoint of the original?): flags and world "
+                       "size are not compared with this run's")
+        return None
+    new = vars(args)
+    for k in sorted(set(saved) & set(new) - RUNTIME_FLAGS):
+        old_v, new_v = saved[k], new[k]
+        if isinstance(new_v, tuple):
+            new_v = list(new_v)
+        if old_v != new_v:
+            logger.warning(f"resuming with --{k} {old_v!r} -> {new_v!r} (the checkpoint's run "
+                           "had the first)")
+    unrecorded = sorted(k for k in set(new) - set(saved) - RUNTIME_FLAGS
+                        if isinstance(new[k], (int, float, str, bool, list, type(None))))
+    if unrecorded:
+        logger.info(f"{path} does not record --{' --'.join(unrecorded)} (an older version)")
+    old_bs, old_ws = saved.get("batch_size"), saved.get("world_size")
+    if old_bs is None or old_ws is None:
+        return None
+    old_global, new_global = old_bs * old_ws, args.batch_size * args.world_size
+    if old_ws != args.world_size:
+        logger.warning(f"resuming on {_processes(args.world_size)}, the checkpoint's run had "
+                       f"{old_ws}: per-process batch {old_bs} -> {args.batch_size}, global "
+                       f"batch {old_global} -> {new_global}")
+    if old_global != new_global:
+        same = (f"--batch_size {old_global // args.world_size} on {_processes(args.world_size)}"
+                if old_global % args.world_size == 0 else _processes(old_ws))
+        if not getattr(args, "allow_batch_change", False):
+            raise CheckpointError(
+                f"{path}: the global batch would change from {old_global} (--batch_size {old_bs} "
+                f"x {_processes(old_ws)}) to {new_global} (--batch_size {args.batch_size} x "
+                f"{_processes(args.world_size)}): resume with {same}, or pass "
+                "--allow_batch_change true (the schedule is then mapped by epochs done)")
+        logger.warning(f"--allow_batch_change: global batch {old_global} -> {new_global}; the "
+                       "learning-rate schedule continues from the epochs done (its "
+                       "per-iteration steps are this run's)")
+    return old_global
+
+
+def truncate_stats(training_stats, start_epoch):
+    """Keep the stats rows of the epochs before `start_epoch`. By the epoch column, not the row
+    count: the stats file of a rank that did not exist for some epochs (a run resumed on fewer
+    processes, then more again) lacks their rows."""
+    stats = training_stats.stats
+    if len(stats.index) and "epoch" in stats.columns:
+        training_stats.stats = stats[stats["epoch"] < start_epoch].reset_index(drop=True)
+    else:
+        training_stats.truncate(start_epoch)
+
+
+def map_start_iter(start_iter, old_global, new_global, epoch):
+    """The iteration a mid-epoch resume continues at when the global batch changed: after the
+    samples already seen this epoch (start_iter x old_global, rounded down to whole new
+    batches: the rest is seen again, none is skipped). Every world size sees the same global
+    sample order (DistributedSampler: global batch j is positions [j*G, (j+1)*G) of the epoch's
+    permutation), so with an unchanged global batch the iteration is unchanged."""
+    if not start_iter or old_global is None or old_global == new_global:
+        return start_iter
+    seen = start_iter * old_global
+    new_iter = seen // new_global
+    logger.warning(f"epoch {epoch}: {seen} samples were seen in batches of {old_global}; "
+                   f"resuming at iteration {new_iter} of batches of {new_global} "
+                   f"({seen - new_iter * new_global} samples seen again)")
+    return new_iter

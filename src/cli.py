@@ -101,6 +101,11 @@ def add_distributed_args(parser):
                         help="this argument is not used and should be ignored")
     parser.add_argument("--dist_timeout_min", default=30, type=float,
                         help="minutes a collective may wait before the job fails")
+    parser.add_argument("--allow_batch_change", type=bool_flag, default=False,
+                        help="resume a run whose global batch (--batch_size x processes) was "
+                             "another: the schedule is mapped by epochs done (refused otherwise; "
+                             "another number of processes with the same global batch always "
+                             "resumes)")
     return parser
 
 

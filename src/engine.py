@@ -13,9 +13,10 @@ import torch.nn as nn
 from . import distributed as du
 from . import preemption
 from .amp import autocast, make_scaler, resolve_amp, scaler_state_from_apex
-from .checkpoint import (CheckpointError, atomic_copy, atomic_save, checkpoint_candidates,
-                         get_rng_state, model_state_dict, remove_stale_tmp_files,
-                         restart_from_checkpoint, set_rng_state)
+from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume_flags,
+                         checkpoint_candidates, get_rng_state, map_start_iter, model_state_dict,
+                         remove_stale_tmp_files, restart_from_checkpoint, set_rng_state,
+                         truncate_stats)  # noqa: F401 (the entry points import it from here)
 from .imagelist import DataError, find_images, read_list_file, read_list_header
 from .lars import LARC
 from .multicropdataset import SeededSampler
@@ -69,8 +70,7 @@ def job_image_list(args):
             error = DataError(f"cannot list the images of --data_path {args.data_path!r}: {e}")
     # every rank learns rank 0's verdict (a failing rank 0 must not leave the others waiting);
     # the collective is also the barrier after which the file is complete
-    failed = torch.tensor([error is not None], dtype=torch.int32,
-                          device=preemption.collective_device())
+    failed = torch.tensor([error is not None], dtype=torch.int32)  # du moves it for nccl
     if error is not None:
         du.all_reduce(failed)
         raise error
@@ -95,14 +95,16 @@ def build_train_data(args, make_dataset):
     return dataset, loader
 
 
-def build_loader(dataset, args, batch_size=None, seeded=True):
-    """DistributedSampler (resumable, per-sample augmentation seeds) + DataLoader, drop_last."""
+def build_loader(dataset, args, batch_size=None, seeded=True, drop_last=True):
+    """DistributedSampler (resumable, per-sample augmentation seeds) + DataLoader. Pre-training
+    drops the last partial batch (as the original); the evaluations keep it (drop_last=False,
+    as the original's eval_linear / eval_semisup)."""
     batch_size = batch_size or args.batch_size
     sampler = SeededSampler(dataset, num_replicas=args.world_size, rank=args.rank,
                             seed=args.seed, batch_size=batch_size, seeded=seeded)
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=batch_size, num_workers=args.workers,
-        pin_memory=str(args.device).startswith("cuda"), drop_last=True,
+        pin_memory=str(args.device).startswith("cuda"), drop_last=drop_last,
         persistent_workers=args.workers > 0,
     )
     if len(loader) == 0:
@@ -272,8 +274,13 @@ class EpochProgress:
         self.niter_per_ep = start_iter + len(loader)
         self.state, self.stopped_at = state, None
         meters = (state or {}).get("loss_meter")
-        if start_iter > 0 and meters and len(meters) == du.get_world_size():
-            self.losses.sum, self.losses.count = meters[du.get_rank()]
+        if start_iter > 0 and meters:
+            if len(meters) == du.get_world_size():
+                self.losses.sum, self.losses.count = meters[du.get_rank()]
+            else:  # resumed on another number of processes: an equal share of every rank's
+                world = du.get_world_size()
+                self.losses.sum = sum(m[0] for m in meters) / world
+                self.losses.count = sum(m[1] for m in meters) / world
             self.losses.avg = self.losses.sum / max(self.losses.count, 1)
 
     def __iter__(self):
@@ -399,9 +406,14 @@ def resume_training_state(args, model, optimizer, scaler, extra_keys=()):
     """Resume from `--resume PATH` (must load), else from dump_path/checkpoint.pth.tar or, when
     that one is corrupt, the newest loadable checkpoints/ckp-N.pth (with a warning). Returns the
     run variables: epoch, rng, start_iter (0 unless the checkpoint was written mid-epoch),
-    epoch_state (the mid-epoch per-epoch state, else None) and the entries named in `extra_keys`
-    (None when absent)."""
-    to_restore = {"epoch": 0, "rng": None, "start_iter": 0, "epoch_state": None,
+    epoch_state (the mid-epoch per-epoch state, else None), args (the checkpoint's flags) and
+    the entries named in `extra_keys` (None when absent).
+
+    On any number of processes (check_resume_flags: flag changes logged, a change of the global
+    batch refused unless --allow_batch_change): the lr schedule of this run continues at
+    epoch x (its iterations per epoch) + start_iter, start_iter mapped by samples seen when the
+    global batch changed (map_start_iter); the entry points re-shard their per-rank state."""
+    to_restore = {"epoch": 0, "rng": None, "start_iter": 0, "epoch_state": None, "args": None,
                   **{k: None for k in extra_keys}}
     explicit = getattr(args, "resume", "") or ""
     if explicit and not os.path.isfile(explicit):
@@ -412,9 +424,15 @@ def resume_training_state(args, model, optimizer, scaler, extra_keys=()):
         [explicit] if explicit else checkpoint_candidates(args.dump_path), fallback=not explicit,
         run_variables=to_restore, state_dict=model, optimizer=optimizer,
         scaler=_ScalerAdapter(scaler) if scaler is not None and scaler.is_enabled() else None)
-    if loaded and to_restore["rng"] is not None:
+    if not loaded:
+        return to_restore
+    old_global = check_resume_flags(to_restore["args"], args, loaded)
+    to_restore["start_iter"] = map_start_iter(to_restore["start_iter"], old_global,
+                                              args.batch_size * args.world_size,
+                                              to_restore["epoch"])
+    if to_restore["rng"] is not None:
         set_rng_state(to_restore["rng"])
-    if loaded and to_restore["start_iter"]:
+    if to_restore["start_iter"]:
         logger.info(f"resuming epoch {to_restore['epoch']} at iteration {to_restore['start_iter']} "
                     "(mid-epoch checkpoint)")
     return to_restore

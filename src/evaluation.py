@@ -23,7 +23,8 @@ import torchvision.transforms as transforms
 from . import distributed as du
 from .amp import autocast, make_scaler, resolve_amp
 from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
-                         model_state_dict, restart_from_checkpoint)
+                         check_resume_flags, model_state_dict, restart_from_checkpoint,
+                         truncate_stats)
 from .imagelist import DataError, ImageList, find_images, require_labels
 from .multicropdataset import MEAN, STD, SafeImageFolder
 from .pretrained import load_pretrained
@@ -209,13 +210,13 @@ class TensorLoader:
 
 def tensor_loaders(train, val, args):
     """(train, val) loaders over cached (features, labels): train shuffled per epoch and padded
-    to equal shards (every rank runs the same number of steps), val sharded without padding."""
+    to equal shards (every rank runs the same number of steps), its last partial batch kept as
+    the original's DataLoader does; val sharded without padding."""
     sampler = torch.utils.data.DistributedSampler(train[0], num_replicas=args.world_size,
                                                   rank=args.rank, shuffle=True, seed=args.seed)
-    train_loader = TensorLoader(train, sampler, args.batch_size, drop_last=True)
+    train_loader = TensorLoader(train, sampler, args.batch_size)
     if len(train_loader) == 0:
-        raise ValueError(f"{len(train[0])} training images: fewer than one batch of "
-                         f"{args.batch_size} per process (lower --batch_size)")
+        raise ValueError("no training images")
     val_loader = TensorLoader(val, ShardSampler(len(val[0])), args.batch_size)
     return train_loader, val_loader
 
@@ -472,12 +473,22 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
     scaler = scaler if scaler is not None else make_scaler(False, args.device)
     for m in modules:
         m.train()
+    # the last partial batch is kept, as the original, unless it holds one sample per process
+    # and BatchNorm layers train: one value per channel (a pooled feature, a 1x1 map) cannot be
+    # normalised (an error), and one image's statistics would be noise. Every rank's shard is
+    # padded to the same length, so every rank skips the same batch.
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                 for module in modules for m in module.modules())
     criterion = nn.CrossEntropyLoss()
     meter, batch_time, data_time = ClassificationMeter(), AverageMeter(), AverageMeter()
     losses = AverageMeter()
     end = time.perf_counter()
     for it, (inp, target) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
+        if has_bn and len(target) == 1:
+            logger.info(f"Epoch[{epoch}]: the last batch (one sample per process) is skipped: "
+                        "BatchNorm cannot train on it")
+            continue
         target = target.to(args.device, non_blocking=True)
         output = forward(inp)
         loss = criterion(output.float(), target)
@@ -544,11 +555,15 @@ def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args):
                           if isinstance(v, (int, float, str, bool, list, type(None)))}}, path)
 
 
-def resume_eval_state(path, model, optimizer, scheduler):
-    """(start epoch, best (top-1, top-5)) from `path` when it exists."""
-    to_restore = {"epoch": 0, "best_acc": [0.0, 0.0]}
-    restart_from_checkpoint(path, run_variables=to_restore, state_dict=model,
-                            optimizer=optimizer, scheduler=scheduler)
+def resume_eval_state(path, model, optimizer, scheduler, args=None):
+    """(start epoch, best (top-1, top-5)) from `path` when it exists. Any number of processes
+    resumes (the head, optimizer and per-epoch scheduler are the same on every rank); flag
+    changes are logged and a change of the global batch refused as in pre-training."""
+    to_restore = {"epoch": 0, "best_acc": [0.0, 0.0], "args": None}
+    loaded = restart_from_checkpoint(path, run_variables=to_restore, state_dict=model,
+                                     optimizer=optimizer, scheduler=scheduler)
+    if loaded and args is not None:
+        check_resume_flags(to_restore["args"], args, loaded)
     return to_restore["epoch"], tuple(to_restore["best_acc"])
 
 
@@ -558,8 +573,9 @@ def fit(name, forward, module, loaders, optimizer, scheduler, scaler, training_s
     checkpoint, then per epoch train, validate, log, TensorBoard, schedule, checkpoint.
     Returns {top1, top5} of the last epoch and {best_top1, best_top5}."""
     train_loader, val_loader = loaders
-    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], module, optimizer, scheduler)
-    training_stats.truncate(start_epoch)
+    start_epoch, best_acc = resume_eval_state(paths["checkpoint"], module, optimizer, scheduler,
+                                              args)
+    truncate_stats(training_stats, start_epoch)
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch)
