@@ -165,7 +165,7 @@ def main(args):
                                         if m in result})
     tb.close()
     du.barrier()
-    return {"clusters": cluster, "confidence": conf, "sizes": sizes, **result}
+    return {**result, "assignments": cluster, "confidence": conf}
 
 
 if __name__ == "__main__":
