@@ -143,11 +143,11 @@ def main(args):
 
     result = {**settings, "images": len(dataset), "clusters": K,
               "non_empty": int((sizes > 0).sum()), "sizes": sizes.tolist()}
-    if images.labels is not None:
+    if images.labels is not None and args.rank == 0:
         result.update(cluster_metrics(images.labels, cluster.numpy()))
         logger.info(f"NMI {result['nmi']:.4f}  ARI {result['ari']:.4f}  purity "
                     f"{result['purity']:.4f}  ({len(images.classes)} classes, {K} clusters)")
-    else:
+    elif images.labels is None:
         logger.info(f"{images.layout}: no class labels, so no NMI / ARI / purity "
                     "(metrics.json holds the cluster sizes)")
     if args.rank == 0:
