@@ -217,8 +217,10 @@ def write_assignments(file, images, clusters, confidence):
 
 
 def write_json(file, obj):
+    """One key a line, each value compact (the sizes of 3000 clusters stay one line)."""
     with open(file, "w") as f:
-        json.dump(obj, f, indent=1)
+        f.write("{\n" + ",\n".join(f" {json.dumps(k)}: {json.dumps(v)}" for k, v in obj.items())
+                + "\n}\n")
 
 
 def save_features(dump_path, feats, paths):
