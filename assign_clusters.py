@@ -98,6 +98,8 @@ def main(args):
     logger.info(images.describe())
     _, transform = eval_transforms(args)
     dataset = ImageListDataset(images, transform)
+    if len(dataset) < args.world_size:  # every rank needs a share (Sinkhorn takes a max of it)
+        raise ValueError(f"{len(dataset)} images for {args.world_size} processes: use fewer")
 
     # network: backbone, and the projection head + prototypes when the file has them
     net, flags = build_network(args)

@@ -246,3 +246,28 @@ def test_two_processes_give_the_one_process_assignments(fitted, tmp_path):
     assert [int(r["cluster"]) for r in rows] == one["assignments"].tolist()
     np.testing.assert_allclose([float(r["confidence"]) for r in rows],
                                one["confidence"].numpy(), atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["ours", "released", "safetensors"])
+def test_prototypes_and_training_flags_are_read_from_every_format(tmp_path, kind):
+    """The head is rebuilt from shapes alone (released files hold no flags); our checkpoints
+    also give the training flags, from the same single load."""
+    from safetensors.torch import save_file
+
+    from src.clusters import head_config, read_weights
+    model = build_backbone("resnet18", normalize=True, output_dim=8, hidden_mlp=32,
+                           nmb_prototypes=[5, 6], cifar_stem=True, width=8)
+    path = str(tmp_path / f"w.{kind}")
+    if kind == "ours":
+        save_checkpoint(model, path, epsilon=0.03)
+    elif kind == "released":  # the original's files: flat `module.` keys, old pickle format
+        torch.save(add_module_prefix(model.state_dict()), path,
+                   _use_new_zipfile_serialization=False)
+    else:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    state, flags = read_weights(path)
+    assert head_config(state) == {"output_dim": 8, "nmb_prototypes": [5, 6], "hidden_mlp": 32}
+    assert flags == ({"arch": "resnet18", "epsilon": 0.03} if kind == "ours" else {})
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    del state["prototypes.prototypes0.weight"], state["prototypes.prototypes1.weight"]
+    assert head_config(state) is None  # a backbone (+ head) without prototypes: k-means
