@@ -87,6 +87,37 @@ def choose_mode(args, has_prototypes):
     return mode
 
 
+def mode_settings(args, mode, flags):
+    """The mode's settings: the flag when given, else the training run's (our checkpoints'
+    saved flags), else the original's default."""
+    if mode == "kmeans":
+        if args.kmeans_iters < 0:
+            raise ValueError(f"--kmeans_iters must be >= 0, got {args.kmeans_iters}")
+        return {"mode": mode, "kmeans_iters": args.kmeans_iters, "seed": args.seed}
+    settings = {"mode": mode, "head": args.head}
+    if mode == "argmax":
+        settings["temperature"] = flags.get("temperature", 0.1)
+        return settings
+    for name, default in (("epsilon", 0.05), ("sinkhorn_iterations", 3)):
+        given = getattr(args, name)
+        settings[name] = given if given is not None else flags.get(name, default)
+    if settings["epsilon"] <= 0 or settings["sinkhorn_iterations"] < 1:
+        raise ValueError("--epsilon must be > 0 and --sinkhorn_iterations >= 1")
+    return settings
+
+
+def assign(settings, net, prototypes, feats, local, args):
+    """(cluster, confidence) of this rank's rows `local` of the features, and K (all ranks call)."""
+    if settings["mode"] == "kmeans":
+        K = args.nmb_clusters or len(prototypes)
+        return (*assign_kmeans(feats, local, K, args.kmeans_iters, args.seed, args.device), K)
+    scores = prototype_scores(net, feats[local], prototypes)
+    if settings["mode"] == "argmax":
+        return (*assign_argmax(scores, settings["temperature"]), len(prototypes))
+    return (*assign_balanced(scores.to(args.device), settings["epsilon"],
+                             settings["sinkhorn_iterations"]), len(prototypes))
+
+
 def main(args):
     if args.images_per_sheet < 1 or args.thumb_size < 8 or args.batch_size < 1:
         raise ValueError("--images_per_sheet and --batch_size must be >= 1, --thumb_size >= 8")
@@ -106,6 +137,7 @@ def main(args):
     has_prototypes = net.prototypes is not None
     mode = choose_mode(args, has_prototypes)
     prototypes = prototype_weights(net, args.head) if has_prototypes else None
+    settings = mode_settings(args, mode, flags)
 
     # pooled backbone features of every image, on every rank (each rank computes its shard)
     nmb_batches = -(-len(ShardSampler(len(dataset))) // args.batch_size)
@@ -115,27 +147,7 @@ def main(args):
     local = torch.tensor(list(ShardSampler(len(dataset))), dtype=torch.long)
 
     # each rank assigns its shard; Sinkhorn and k-means sums run over all shards
-    settings = {"mode": mode}
-    if mode == "kmeans":
-        K = args.nmb_clusters or len(prototypes)
-        settings.update(kmeans_iters=args.kmeans_iters, seed=args.seed)
-        cluster, conf = assign_kmeans(feats, local, K, args.kmeans_iters, args.seed, args.device)
-    else:
-        K = len(prototypes)
-        scores = prototype_scores(net, feats[local], prototypes)
-        if mode == "argmax":
-            settings["temperature"] = flags.get("temperature", 0.1)
-            cluster, conf = assign_argmax(scores, settings["temperature"])
-        else:
-            settings["epsilon"] = args.epsilon if args.epsilon is not None else \
-                flags.get("epsilon", 0.05)
-            settings["sinkhorn_iterations"] = args.sinkhorn_iterations or \
-                flags.get("sinkhorn_iterations", 3)
-            if settings["epsilon"] <= 0 or settings["sinkhorn_iterations"] < 1:
-                raise ValueError("--epsilon must be > 0 and --sinkhorn_iterations >= 1")
-            cluster, conf = assign_balanced(scores.to(args.device), settings["epsilon"],
-                                            settings["sinkhorn_iterations"])
-        settings["head"] = args.head
+    cluster, conf, K = assign(settings, net, prototypes, feats, local, args)
     conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset), args)
     sizes = torch.bincount(cluster, minlength=K)
     logger.info(f"{mode}: {len(dataset)} images in {int((sizes > 0).sum())} non-empty of {K} "

@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import zipfile
 
@@ -42,6 +43,7 @@ from .sinkhorn import distributed_sinkhorn
 logger = logging.getLogger()
 
 MODES = ("argmax", "balanced", "kmeans")
+MULTI_PROTOTYPES_KEY = re.compile(r"prototypes\.prototypes(\d+)\.weight")
 
 
 # ----------------------------------------------------------------------------- data
@@ -81,18 +83,15 @@ def read_weights(source):
 def head_config(state):
     """build_backbone keywords for the projection head and prototypes found in a state dict
     (keys without the `module.` prefix), or None when it has no prototypes."""
-    if "prototypes.weight" in state:
+    if "prototypes.weight" in state:  # SwAV: one nn.Linear
         nmb_prototypes, output_dim = state["prototypes.weight"].shape
-    else:
-        heads = {}
-        for key, value in state.items():
-            name = key[len("prototypes."):] if key.startswith("prototypes.prototypes") else ""
-            if name.endswith(".weight") and name[len("prototypes"):-len(".weight")].isdigit():
-                heads[int(name[len("prototypes"):-len(".weight")])] = value.shape
+    else:  # DeepCluster-v2: MultiPrototypes, prototypes.prototypes{i}
+        heads = {int(m.group(1)): v.shape for k, v in state.items()
+                 if (m := MULTI_PROTOTYPES_KEY.fullmatch(k))}
         if not heads:
             return None
         nmb_prototypes = [heads[i][0] for i in sorted(heads)]
-        output_dim = heads[0][1]
+        output_dim = heads[min(heads)][1]
     hidden = state.get("projection_head.0.weight")  # Linear, BN, ReLU, Linear; else one Linear
     return {"output_dim": int(output_dim), "nmb_prototypes": nmb_prototypes,
             "hidden_mlp": 0 if hidden is None else int(hidden.shape[0])}
@@ -112,8 +111,10 @@ def build_network(args):
         load_pretrained(net, state, args.pretrained, include_heads=bool(heads),
                         allow_missing=args.allow_missing_keys)
     if heads:
-        logger.info(f"{args.pretrained}: projection head {heads['hidden_mlp'] or '-'} -> "
-                    f"{heads['output_dim']}, prototypes {heads['nmb_prototypes']}")
+        dims = [net.num_features, heads["hidden_mlp"], heads["output_dim"]]
+        logger.info(f"{args.pretrained}: projection head "
+                    f"{' -> '.join(str(d) for d in dims if d)}, prototypes "
+                    f"{heads['nmb_prototypes']}")
     net = net.to(args.device).eval()
     for p in net.parameters():
         p.requires_grad_(False)

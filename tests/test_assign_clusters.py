@@ -154,13 +154,13 @@ def unbalanced_prototypes(means):
 
 def test_balanced_evens_out_the_sizes_argmax_leaves_unbalanced(fitted, tmp_path):
     ckpt = with_prototypes(fitted, "unbal.pth", unbalanced_prototypes(fitted["means"]),
-                           epsilon=0.05, sinkhorn_iterations=3)
+                           epsilon=0.04, sinkhorn_iterations=4)
     argmax = run(fitted["data"], str(tmp_path / "argmax"), ckpt)  # the default mode
     assert argmax["mode"] == "argmax"
     n_over_k = 40 / 4
     assert min(argmax["sizes"]) < n_over_k / 3  # argmax: a cluster (nearly) empty
     balanced = run(fitted["data"], str(tmp_path / "balanced"), ckpt, "--mode", "balanced")
-    assert balanced["epsilon"] == 0.05 and balanced["sinkhorn_iterations"] == 3  # training's
+    assert balanced["epsilon"] == 0.04 and balanced["sinkhorn_iterations"] == 4  # training's
     sizes = balanced["sizes"]
     assert n_over_k / 3 <= min(sizes) and max(sizes) <= 3 * n_over_k, sizes
     conf = balanced["confidence"]
