@@ -147,7 +147,7 @@ def test_argmax_separates_the_classes_and_writes_every_output(fitted, tmp_path):
 
 def unbalanced_prototypes(means):
     """Classes 0 and 1 keep their prototype; classes 2 and 3 share two nearby prototypes, the
-    first always nearer: argmax leaves cluster 3 empty."""
+    first nearer to almost all of them: argmax leaves cluster 3 (nearly) empty."""
     mid = F.normalize(means[2] + means[3], dim=0)
     return torch.stack([means[0], means[1], mid, F.normalize(mid - 0.2 * means[0], dim=0)])
 
