@@ -17,10 +17,10 @@ from src.clusters import (MODES, FeatureProgress, ImageListDataset, assign_argma
                           assign_balanced, assign_kmeans, build_network, cluster_metrics,
                           contact_sheets, prototype_scores, prototype_weights, save_features,
                           write_assignments, write_json)
+from src.engine import job_image_list
 from src.evaluation import (ShardSampler, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, eval_transforms, extract_features, gather_shards,
                             start_eval)
-from src.imagelist import find_images
 from src.utils import bool_flag
 
 logger = logging.getLogger()
@@ -124,9 +124,8 @@ def main(args):
     _, stats, tb = start_eval(args, "assign_clusters", ("mode", "clusters", "nmi", "ari", "purity"))
     stats.truncate(0)  # one run per file
 
-    # data: any layout; an ImageFolder's classes are kept for the metrics
-    images = find_images(args.data_path)
-    logger.info(images.describe())
+    # data: any layout, listed once per job (rank 0 walks); an ImageFolder's classes are kept
+    images = job_image_list(args)
     _, transform = eval_transforms(args)
     dataset = ImageListDataset(images, transform)
     if len(dataset) < args.world_size:  # every rank needs a share (Sinkhorn takes a max of it)

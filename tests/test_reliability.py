@@ -8,6 +8,7 @@ import runpy
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -112,3 +113,59 @@ def test_dump_path_naming_a_file_is_one_line(script, under, image_folder, tmp_pa
     expected = (f"error: --dump_path {dump} is a file, not a folder" if not under else
                 f"error: --dump_path {dump}: cannot create the folder (Not a directory)")
     assert message.startswith(expected), message
+
+
+def _save_like_the_original(module, argv, dump):
+    """A dump path as the original's main_swav.py / main_deepclusterv2.py leave it after epoch 0:
+    checkpoint.pth.tar = {epoch, state_dict of the DDP model ('module.' keys), the LARC-wrapped
+    SGD's state_dict with numpy float64 lrs} (no 'args'), plus queue0.pth / mb0.pth."""
+    from src.engine import build_larc_sgd
+    from src.resnet50 import build_backbone
+    args = module.get_args_parser().parse_args(argv)
+    torch.manual_seed(5)
+    model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
+                           output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
+                           cifar_stem=args.cifar_stem, width=args.width)
+    optimizer = build_larc_sgd(model, args)
+    _, out = model([torch.randn(4, 3, 16, 16)])
+    (out[0] if isinstance(out, list) else out).sum().backward()
+    optimizer.step()  # momentum buffers, as after a real epoch
+    for group in optimizer.param_groups:
+        group["lr"] = np.float64(0.0123)  # the original set lrs from a numpy schedule
+    os.makedirs(dump)
+    torch.save({"epoch": 1, "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
+                "optimizer": optimizer.state_dict()}, os.path.join(dump, "checkpoint.pth.tar"))
+    return args, model
+
+
+@pytest.mark.parametrize("method", ["swav", "deepclusterv2"])
+def test_original_training_checkpoint_resumes(method, image_folder, tmp_path, monkeypatch):
+    import main_deepclusterv2
+    import main_swav
+    module = main_swav if method == "swav" else main_deepclusterv2
+    dump = str(tmp_path / "run")
+    extra = (["--queue_length", "16", "--epoch_queue_starts", "0"] if method == "swav" else
+             ["--nmb_prototypes", "6", "5"])
+    argv = tiny_swav_argv(image_folder, dump, extra)
+    args, model = _save_like_the_original(module, argv, dump)
+    if method == "swav":
+        queue = torch.nn.functional.normalize(torch.randn(2, 16, args.feat_dim), dim=-1)
+        torch.save({"queue": queue}, os.path.join(dump, "queue0.pth"))
+    else:  # 24 images, batch 8: 24 rows per crop
+        torch.save({"local_memory_embeddings": torch.nn.functional.normalize(
+                        torch.randn(2, 24, args.feat_dim), dim=-1),
+                    "local_memory_index": torch.randperm(24)}, os.path.join(dump, "mb0.pth"))
+    monkeypatch.setattr(sys, "argv", ["x"])
+    module.main(module.get_args_parser().parse_args(argv))
+    state = ck.safe_load(os.path.join(dump, "checkpoint.pth.tar"))
+    assert state["epoch"] == 2  # resumed at epoch 1 and trained one epoch more
+    stats = pd.read_pickle(os.path.join(dump, "stats0.pkl"))
+    assert stats["epoch"].tolist() == [1]
+    saved = {"module." + k: v for k, v in model.state_dict().items()}
+    assert state["state_dict"].keys() == saved.keys()
+    moved = [k for k, v in state["state_dict"].items()
+             if v.is_floating_point() and not torch.equal(v, saved[k])]
+    assert "module.conv1.weight" in moved  # started from the original's weights, then trained
+    with open(os.path.join(dump, "train.log")) as f:
+        log = f.read()
+    assert "epoch 1" in log.lower() or "Epoch: [1]" in log
