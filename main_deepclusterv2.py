@@ -15,7 +15,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr)
+                        run_epochs, set_lr, to_device)
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset, check_image_folder
@@ -133,7 +133,7 @@ def init_memory(dataloader, model, args):
         local_memory_index[start_idx: start_idx + nmb_unique_idx] = index.to(device)
         for mb_idx, crop_idx in enumerate(args.crops_for_assign):
             with forward_context(net, args):
-                embeddings = model(inputs[crop_idx].to(device, non_blocking=True))[0]
+                embeddings = model(to_device(inputs[crop_idx], device))[0]
             local_memory_embeddings[mb_idx][start_idx: start_idx + nmb_unique_idx] = embeddings
         start_idx += nmb_unique_idx
     logger.info("Initialization of the memory banks done.")
@@ -216,6 +216,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
     `state` (a dict) keeps the epoch's assignments for a mid-epoch resume at `start_iter`."""
     net = unwrap(model)
     model.train()
+    device = next(net.parameters()).device
     state = state if state is not None else {}
     if state.get("assignments") is None:  # a resumed epoch keeps the clusters it started with
         state["assignments"] = cluster_memory(model, local_memory_index, local_memory_embeddings,
@@ -231,6 +232,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         set_lr(optimizer, schedule[iteration])
 
         # ============ multi-res forward passes ... ============
+        inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
         with forward_context(net, args):
             emb, output = model(inputs)
         emb = emb.detach()

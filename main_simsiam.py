@@ -11,7 +11,7 @@ from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
 from src.engine import (EpochProgress, backward_and_step, build_loader, end_epoch,
                         forward_context, prepare_model, resume_training_state, run_epochs,
-                        set_lr, setup_precision)
+                        set_lr, setup_precision, to_device)
 from src.multicropdataset import BLURS, check_image_folder
 from src.resnet50 import build_backbone
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
@@ -113,8 +113,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=No
     for it, iteration, (x1, x2) in progress:
         # update learning rate (groups marked fix_lr keep theirs)
         set_lr(optimizer, lr_schedule[iteration])
-        x1 = x1.to(device, non_blocking=True)
-        x2 = x2.to(device, non_blocking=True)
+        x1, x2 = to_device([x1, x2], device)  # uint8 views, normalised on the device
 
         # ============ two views, symmetric loss with stop-gradient ... ============
         with forward_context(net, args):

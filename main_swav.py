@@ -16,7 +16,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_loader, build_pretraining,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr)
+                        run_epochs, set_lr, to_device)
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset, check_image_folder
 from src.resnet50 import build_backbone
@@ -107,6 +107,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
     `state` (a dict) carries `use_the_queue` across a mid-epoch resume."""
     net = unwrap(model)
     model.train()
+    device = next(net.parameters()).device
     state = state if state is not None else {}
     use_the_queue = state.get("use_the_queue", False)
     progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
@@ -123,6 +124,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
             net.prototypes.weight.copy_(w)
 
         # ============ multi-res forward passes ... ============
+        inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
         with forward_context(net, args):
             embedding, output = model(inputs)
         embedding = embedding.detach()

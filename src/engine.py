@@ -17,7 +17,7 @@ from .checkpoint import (CheckpointError, atomic_copy, atomic_save, checkpoint_c
                          get_rng_state, model_state_dict, remove_stale_tmp_files,
                          restart_from_checkpoint, set_rng_state)
 from .lars import LARC
-from .multicropdataset import SeededSampler
+from .multicropdataset import SeededSampler, normalize_crops
 from .utils import AverageMeter, cosine_lr_schedule
 
 logger = logging.getLogger()
@@ -92,6 +92,19 @@ def setup_precision(args):
     scaler = make_scaler(use_scaler, args.device)
     scaler.nonfinite_guard = NonFiniteGuard(getattr(args, "max_nonfinite_steps", 20))
     return scaler
+
+
+# ----------------------------------------------------------------------------- the feed
+def to_device(crops, device):
+    """A batch from the loader (a tensor or a list of crops) on `device`, float32: each copy is
+    non-blocking (from the loader's pinned memory on CUDA, so the host queues the next work while
+    the bytes travel) and uint8 crops (the multi-crop transforms' output) are normalised there,
+    as the original's ToTensor + Normalize would have on the host (src/multicropdataset.py
+    normalize_crops). Float tensors pass through unchanged."""
+    if isinstance(crops, (list, tuple)):
+        return [to_device(c, device) for c in crops]
+    crops = crops.to(device, non_blocking=True)
+    return normalize_crops(crops) if crops.dtype == torch.uint8 else crops
 
 
 # ----------------------------------------------------------------------------- the step
