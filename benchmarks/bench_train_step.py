@@ -1,6 +1,7 @@
 """Seconds per SwAV training iteration on synthetic crops, side by side with the plain fp32 step.
 
-One iteration is what main_swav.train() runs (it is called here): set lr, normalise the prototypes,
+One iteration is what main_swav.train() runs (it is called here): set lr, copy the uint8 crops
+to the device and normalise them there, normalise the prototypes,
 forward of all crops, Sinkhorn, swapped-prediction loss, backward, LARC + SGD step, loss.item().
 Each configuration runs in its own process (clean peak memory, no cache shared), rounds alternate
 the configurations, and each figure is the median over every timed iteration of every round.
@@ -183,8 +184,10 @@ def run_child(args):
                                    args.min_scale_crops, args.max_scale_crops,
                                    augment=args.augment)
         source = endless(build_loader(dataset, sargs))
-    else:  # the same synthetic crops every iteration, on the CPU (pinned) like a loader's
-        crops = [torch.randn(args.batch_size, 3, s, s) for s in sizes]
+    else:  # the same synthetic crops every iteration, uint8 on the CPU (pinned) like a loader's:
+        # train() copies and normalises them on the device (src/engine.py to_device)
+        crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8)
+                 for s in sizes]
         crops = [c.pin_memory() if device.startswith("cuda") else c for c in crops]
         source = itertools.repeat(crops)
     total = args.warmup + args.iters

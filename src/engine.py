@@ -94,6 +94,20 @@ def setup_precision(args):
     return scaler
 
 
+def configure_backends(args):
+    """The CUDA kernel settings of the pre-trainings and the evaluations: cuDNN autotuning (the
+    input shapes are fixed, so the fastest convolution algorithm is found once per shape) and
+    TF32 for fp32 matmuls and convolutions only with --tf32 (see its help). No-op on a CPU."""
+    if not str(args.device).startswith("cuda"):
+        return
+    torch.backends.cudnn.benchmark = True
+    tf32 = bool(getattr(args, "tf32", False))
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # the legacy API: test_gpu's fixture uses it
+    torch.backends.cudnn.allow_tf32 = tf32  # (mixing it with fp32_precision raises)
+    logger.info("cuDNN autotuning on; fp32 matmuls and convolutions in "
+                + ("TF32 (--tf32 true)" if tf32 else "IEEE fp32 (--tf32 false)"))
+
+
 # ----------------------------------------------------------------------------- the feed
 def to_device(crops, device):
     """A batch from the loader (a tensor or a list of crops) on `device`, float32: each copy is
@@ -267,10 +281,9 @@ class EpochProgress:
 def run_epochs(train_loader, start_epoch, args, start_iter=0):
     """The frame of an entry point's epoch loop: yields start_epoch .. args.epochs - 1, each
     logged and with the sampler set to it (the first one from batch `start_iter`, for a
-    mid-epoch resume; cudnn autotuning on CUDA); once the loop is done, every rank waits for the
-    others and the end is logged."""
-    if str(args.device).startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    mid-epoch resume; the CUDA settings of configure_backends); once the loop is done, every
+    rank waits for the others and the end is logged."""
+    configure_backends(args)
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)

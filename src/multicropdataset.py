@@ -196,7 +196,8 @@ def normalize_crops(x, mean=MEAN, std=STD):
 @functools.lru_cache(maxsize=None)
 def _channel_stats(device, mean, std):
     # made once per device: a copy of a Python list to the GPU would wait for the GPU each step
-    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device) for v in (mean, std))
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device)
+                 for v in (mean, std))
 
 
 def to_tensor(host_normalize=False):

@@ -139,3 +139,57 @@ def test_simsiam_train_on_uint8_views_equals_train_on_float_views():
         main_simsiam.train(ListLoader(feed), model, optimizer, 0, [0.05, 0.05], args)
         result[name] = _weights(model)
     torch.testing.assert_close(result["uint8"], result["float"], rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- CUDA settings
+ENTRY_POINTS = ["main_swav", "main_deepclusterv2", "main_simsiam", "eval_linear", "eval_knn",
+                "eval_semisup"]
+
+
+@pytest.fixture
+def cuda_flags():
+    names = [(torch.backends.cudnn, "benchmark"), (torch.backends.cudnn, "allow_tf32"),
+             (torch.backends.cuda.matmul, "allow_tf32")]
+    old = [getattr(m, n) for m, n in names]
+    yield
+    for (m, n), v in zip(names, old):
+        setattr(m, n, v)
+
+
+@pytest.mark.parametrize("tf32", [False, True])
+def test_configure_backends_autotunes_and_sets_tf32_on_cuda(cuda_flags, tf32):
+    from types import SimpleNamespace
+
+    from src.engine import configure_backends
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
+    configure_backends(SimpleNamespace(device="cpu", tf32=tf32))  # a CPU run: untouched
+    assert not torch.backends.cudnn.benchmark
+    configure_backends(SimpleNamespace(device="cuda:0", tf32=tf32))  # flags only: no GPU needed
+    assert torch.backends.cudnn.benchmark
+    assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_entry_point_has_tf32_off_by_default_and_channels_last_on(name):
+    import importlib
+    parser = importlib.import_module(name).get_args_parser()
+    args = parser.parse_args([])
+    assert args.tf32 is False and args.channels_last is True
+    assert parser.parse_args(["--tf32", "true", "--channels_last", "false"]).tf32 is True
+
+
+def test_evaluations_configure_backends_and_use_channels_last(tmp_path, monkeypatch):
+    import eval_knn
+    from src import evaluation
+    calls = []
+    monkeypatch.setattr(evaluation, "configure_backends", lambda args: calls.append(args.tf32))
+    args = eval_knn.get_args_parser().parse_args(["--dump_path", str(tmp_path), "--device",
+                                                  "cpu", "--arch", "resnet18", "--tf32", "true"])
+    evaluation.start_eval(args, "eval_knn", ("k", "temperature", "top1", "top5"))
+    assert calls == [True]
+    backbone = evaluation.build_frozen_backbone(args, 32)
+    assert backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    args.channels_last = False
+    assert not evaluation.build_frozen_backbone(args, 32).conv1.weight.is_contiguous(
+        memory_format=torch.channels_last)
