@@ -224,7 +224,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         logger.info("Clustering for epoch {} done.".format(epoch))
     assignments = state["assignments"]
 
-    progress = EpochProgress(loader, epoch, args, start_iter, state=state)
+    progress = EpochProgress(loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = sum(args.nmb_crops)
     start_idx = start_iter * args.batch_size  # batches are full (drop_last)
     for it, iteration, (idx, inputs) in progress:
@@ -242,7 +242,8 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         loss = deepcluster_loss(output, assignments, idx, ncrops, args.temperature)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
+                          progress)
 
         # ============ update memory banks ... ============
         local_memory_index[start_idx: start_idx + bs] = idx.to(local_memory_index.device)
@@ -252,10 +253,11 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         start_idx += bs
 
         # ============ misc ... ============
-        if monitor is not None:  # collapse: loss at the mean of ln(K) (warns, or stops)
-            monitor.update(loss.detach(), assignments=[a[idx] for a in assignments],
-                           iteration=iteration)
-        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+        # the loss is read once per log interval (no host sync per step): by progress, which
+        # also gives it to the collapse monitor (loss at the mean of ln(K): warns, or stops)
+        if monitor is not None:
+            monitor.update(None, assignments=[a[idx] for a in assignments], iteration=iteration)
+        progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])
     if monitor is not None:
         monitor.epoch_summary(epoch)
     return (epoch, progress.losses.avg), local_memory_index, local_memory_embeddings

@@ -110,7 +110,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
     device = next(net.parameters()).device
     state = state if state is not None else {}
     use_the_queue = state.get("use_the_queue", False)
-    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
+    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = int(np.sum(args.nmb_crops))
 
     for it, iteration, inputs in progress:
@@ -149,12 +149,15 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
         loss = swav_loss(output, q_per_crop, args.crops_for_assign, ncrops, bs, args.temperature)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
+                          progress)
 
         # ============ misc ... ============
-        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
-        if monitor is not None:  # collapse: loss at ln(K) (warns, or stops every rank)
-            monitor.update(loss.detach(), codes=q_per_crop, iteration=iteration)
+        # the loss is read once per log interval (no host sync per step): by progress, which
+        # also gives it to the collapse monitor (loss at ln(K): warns, or stops every rank)
+        progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])
+        if monitor is not None:
+            monitor.update(None, codes=q_per_crop, iteration=iteration)
     if monitor is not None:
         monitor.epoch_summary(epoch)
     state["use_the_queue"] = use_the_queue

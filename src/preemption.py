@@ -3,7 +3,8 @@ write a mid-epoch checkpoint, requeue the job and exit.
 
 Slurm sends SIGUSR1 `<seconds>` before the time limit with `#SBATCH --signal=USR1@<seconds>`, or
 on demand with `scancel --signal=USR1 <jobid>`; both reach every task of the job's steps. The
-handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every step;
+handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every step
+in one process and at each log iteration when distributed (the all-reduce's read is a host sync);
 it all-reduces the flag, so every rank stops after the same step even when the signal reached the
 ranks at different moments. The entry point then writes a checkpoint at that iteration and calls
 `exit_after_checkpoint()`: under Slurm rank 0 runs `scontrol requeue $SLURM_JOB_ID` and every rank
@@ -70,19 +71,35 @@ def requested():
     return _state.received is not None
 
 
-def should_stop():
+def stop_flag():
+    """The stop flags all-reduced (MAX) across ranks, as a 1-element tensor not read yet (under
+    nccl neither the fill nor the all-reduce waits for the GPU): a collective, every rank calls
+    it at the same points; pass its value to should_stop(). None when there is nothing to
+    reduce (not installed, already agreed, or one process)."""
+    if not _state.installed or _state.agreed or du.get_world_size() == 1:
+        return None
+    t = torch.full((1,), 1 if _state.received else 0, dtype=torch.int32,
+                   device=collective_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def should_stop(reduced=None):
     """True once any rank received the signal. A collective when distributed: every rank must
-    call it at the same points (EpochProgress does after every step). False, and no collective,
-    unless `install()` was called, so evaluation loops with uneven shards are unaffected."""
+    call it at the same points (EpochProgress does at each log iteration, reading the flag in
+    the same host sync as the losses: `reduced`, the value of stop_flag()'s tensor). False, and
+    no collective, unless `install()` was called, so evaluation loops with uneven shards are
+    unaffected. In one process it is a flag: no collective, no sync."""
     if not _state.installed:
         return False
     if _state.agreed:
         return True
-    flag = 1 if _state.received else 0
-    if du.get_world_size() > 1:
-        t = torch.tensor([flag], dtype=torch.int32, device=collective_device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        flag = int(t.item())
+    if reduced is not None:
+        flag = int(reduced)
+    elif du.get_world_size() > 1:
+        flag = int(stop_flag().item())
+    else:
+        flag = 1 if _state.received else 0
     if flag:
         _state.agreed = True
         how = f"received {_state.received}" if _state.received else "another rank received it"

@@ -80,7 +80,12 @@ def _cosine_to_target(p, z):
 def normalized_std(z):
     """Collapse metric (paper, Fig. 2): mean over dimensions of the per-dimension std of the
     L2-normalised outputs. About 1/sqrt(d) for well spread outputs, 0 for collapsed ones."""
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean().item()
+    return normalized_std_tensor(z).item()
+
+
+def normalized_std_tensor(z):
+    """normalized_std as a 0-d tensor on z's device (not read: no host sync)."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 def no_collapse_std(dim):
