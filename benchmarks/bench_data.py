@@ -74,14 +74,18 @@ def stages(trans, name):
             ("blur", trans.blur_words), (last, trans.to_tensor)]
 
 
-def run_round(load, n, trans, seed=0):
-    """Images/s of what a loader worker does per image: decode, then every crop's transform."""
+def run_round(load, n, trans, seed=0, cpu_times=None):
+    """Images/s of what a loader worker does per image: decode, then every crop's transform.
+    Also appends to `cpu_times` the images per CPU-second of this process (what one core
+    delivers when it is not shared: on a loaded machine the wall time counts the waits)."""
     torch.manual_seed(seed)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(n):
         img = load(i)
         for t in trans:
             t(img)
+    if cpu_times is not None:
+        cpu_times.append(n / (time.process_time() - c0))
     return n / (time.perf_counter() - t0)
 
 
@@ -159,11 +163,13 @@ def main():
     # does) and without it (the augmentations alone, on the decoded images)
     speeds = {name: [] for name in PIPELINES}
     aug_only = {name: [] for name in PIPELINES}
+    per_cpu_s = {name: [] for name in PIPELINES}
     decoded = lambda i: images[i]  # noqa: E731
     names = list(PIPELINES)
     for r in range(args.rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            speeds[name].append(run_round(load, n, pipelines[name], seed=r))
+            speeds[name].append(run_round(load, n, pipelines[name], seed=r,
+                                          cpu_times=per_cpu_s[name]))
             aug_only[name].append(run_round(decoded, n, pipelines[name], seed=r))
 
     def ratio(d, name):  # per round against the original, then the median
@@ -177,13 +183,15 @@ def main():
           f"|diff| {max_diff:.1e}): {'yes' if equal else 'NO'}\n")
     rows = [{"pipeline": LABELS[name], "ips": median(speeds[name]),
              "all": " ".join(f"{v:.1f}" for v in speeds[name]), "ratio": ratio(speeds, name),
-             "aug": median(aug_only[name]), "ratio_aug": ratio(aug_only, name)}
+             "aug": median(aug_only[name]), "ratio_aug": ratio(aug_only, name),
+             "cpu": median(per_cpu_s[name])}
             for name in PIPELINES]
     print_table(rows, [("pipeline", "pipeline", "{}"),
                        ("ips", "images/s decode+augment", "{:.1f}"),
                        ("all", "per round", "{}"), ("ratio", "ratio", "{:.2f}"),
                        ("aug", "images/s augment only", "{:.1f}"),
-                       ("ratio_aug", "ratio", "{:.2f}")])
+                       ("ratio_aug", "ratio", "{:.2f}"),
+                       ("cpu", "images per CPU-s decode+augment", "{:.1f}")])
     print(f"\nbytes per batch of {args.batch_size} (host -> device): float32 "
           f"{nbytes['pil'] / 2 ** 20:.1f} MiB, uint8 {nbytes['fast'] / 2 ** 20:.1f} MiB "
           f"({nbytes['pil'] / nbytes['fast']:.0f}x less)")
@@ -193,6 +201,7 @@ def main():
     result = {"machine": machine_description(), "crops": crops, "equal_outputs": equal,
               "max_diff_uint8_normalised": max_diff,
               "images_per_s": {k: median(v) for k, v in speeds.items()},
+              "images_per_cpu_s": {k: median(v) for k, v in per_cpu_s.items()},
               "ratio": {k: ratio(speeds, k) for k in PIPELINES},
               "augment_only_images_per_s": {k: median(v) for k, v in aug_only.items()},
               "augment_only_ratio": {k: ratio(aug_only, k) for k in PIPELINES},

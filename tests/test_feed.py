@@ -2,6 +2,10 @@
 (non-blocking) and normalise them there; the values equal the original's host-side ToTensor +
 Normalize (float32) to float rounding, and training on them equals training on the float crops."""
 import copy
+import os
+import shlex
+import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -15,6 +19,7 @@ from src.multicropdataset import MultiCropDataset, multicrop_transforms, normali
 from src.resnet50 import resnet18
 from src.simsiam import SimSiam, simsiam_transform
 from test_fastpath import ListLoader, tiny_args, tiny_model
+from conftest import ROOT
 from test_fastaugment import textured
 
 ARGS = ([32, 16], [2, 3], [0.14, 0.05], [1.0, 0.14])
@@ -193,3 +198,52 @@ def test_evaluations_configure_backends_and_use_channels_last(tmp_path, monkeypa
     args.channels_last = False
     assert not evaluation.build_frozen_backbone(args, 32).conv1.weight.is_contiguous(
         memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- gpu_suite.sh
+SUITE = os.path.join(ROOT, "benchmarks", "gpu_suite.sh")
+
+
+def test_gpu_suite_syntax_and_shellcheck():
+    subprocess.run(["bash", "-n", SUITE], check=True)
+    if shutil.which("shellcheck"):
+        subprocess.run(["shellcheck", SUITE], check=True)
+
+
+def test_gpu_suite_dry_run_commands_parse_with_each_entry_point(tmp_path):
+    """The suite's command lines: every entry point under torchrun with fp16 on CUDA, each with
+    its own fresh dump path, flags its parser accepts; a second run gets a new folder."""
+    import importlib
+    out = subprocess.run(["bash", SUITE, "--dry-run", "checks", str(tmp_path)], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    commands = [shlex.split(line) for line in out if ".py " in line and "torch.distributed.run"
+                in line]
+    scripts = [c[c.index("--nproc_per_node") + 2] for c in commands]
+    assert scripts == ["main_swav.py", "main_deepclusterv2.py", "main_simsiam.py",
+                       "eval_linear.py", "eval_semisup.py", "eval_knn.py"]
+    dumps = set()
+    for cmd, script in zip(commands, scripts):
+        assert cmd[0].endswith(".venv/bin/python") and cmd[1:3] == ["-m", "torch.distributed.run"]
+        argv = cmd[cmd.index(script) + 1:]
+        args = importlib.import_module(script[:-3]).get_args_parser().parse_args(argv)
+        assert args.use_fp16 is True and args.device == "cuda"
+        assert args.dump_path.startswith(str(tmp_path)) and args.dump_path not in dumps
+        dumps.add(args.dump_path)
+    assert any("tests/test_gpu.py" in line for line in out)
+    again = subprocess.run(["bash", SUITE, "--dry-run", "checks", str(tmp_path)], check=True,
+                           capture_output=True, text=True).stdout
+    assert out[0] != again.splitlines()[0]  # "results in <a new folder>"
+
+
+def test_gpu_suite_fails_on_the_first_error(tmp_path):
+    """A failing command fails the suite (set -e with pipefail: its output goes through tee)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, status in [("nvidia-smi", 0), ("python", 3)]:
+        (bin_dir / name).write_text(f"#!/bin/sh\necho {name}\nexit {status}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=str(bin_dir / "python"))
+    proc = subprocess.run(["bash", SUITE, "checks", str(tmp_path / "out")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "passed" not in proc.stdout
+    assert "== data" in proc.stdout and "== main_swav" not in proc.stdout
