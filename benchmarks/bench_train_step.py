@@ -101,6 +101,7 @@ def swav_args(args, cfg, device, lr=1e-3):
     a.freeze_prototypes_niters = 0  # the steady state: prototypes are trained too
     a.queue_length, a.rank, a.world_size, a.device = 0, 0, 1, device
     a.base_lr = lr
+    a.log_freq = 1  # read the loss every iteration (one host sync), so each one is timed whole
     a.use_fp16 = cfg["precision"] != "fp32"
     a.amp_dtype = {"fp32": "auto", "bf16": "bfloat16", "fp16": "float16"}[cfg["precision"]]
     a.channels_last = cfg["cl"]
@@ -109,8 +110,8 @@ def swav_args(args, cfg, device, lr=1e-3):
 
 class TimedLoader:
     """`n` batches from `source` (an endless iterator); records the time each batch is handed
-    out and the time spent waiting for it. train() calls loss.item() at the end of every
-    iteration, so a hand-out is after the device work of the previous iteration."""
+    out and the time spent waiting for it. With log_freq 1 train() reads the loss at the end of
+    every iteration, so a hand-out is after the device work of the previous iteration."""
     dataset = None
 
     def __init__(self, source, n):
