@@ -246,7 +246,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
                           progress)
 
         # ============ update memory banks ... ============
-        local_memory_index[start_idx: start_idx + bs] = idx.to(local_memory_index.device)
+        local_memory_index[start_idx: start_idx + bs] = to_device(idx, local_memory_index.device)
         for i, crop_idx in enumerate(args.crops_for_assign):
             local_memory_embeddings[i][start_idx: start_idx + bs] = \
                 emb[crop_idx * bs: (crop_idx + 1) * bs]
