@@ -144,3 +144,38 @@ def test_deferred_check_stops_at_the_read_naming_the_first_bad_iteration(monkeyp
     with pytest.raises(NonFiniteLossError, match="loss is nan at iteration 1.*not overwritten"):
         swav_run(monkeypatch)
     assert len(calls) == LOG_FREQ + 1  # iterations 0 .. 3: stopped at the read of iteration 3
+
+
+def test_deepclusterv2_reads_once_per_log_interval(monkeypatch):
+    """The loop only: the k-means at the start of the epoch (cluster_memory) and the monitor's
+    epoch summary read their results once per epoch."""
+    import main_deepclusterv2 as dc
+    args = dc.get_args_parser().parse_args(["--nmb_prototypes", "5", "4", "--feat_dim", "16",
+                                            "--hidden_mlp", "32", "--batch_size", "8",
+                                            "--log_freq", str(LOG_FREQ)])
+    args.nmb_crops, args.size_crops, args.crops_for_assign = [2, 2], [16, 8], [0, 1]
+    args.rank, args.world_size, args.device, args.use_fp16 = 0, 1, "cpu", False
+    torch.manual_seed(0)
+    model = resnet18(normalize=True, output_dim=16, hidden_mlp=32, nmb_prototypes=[5, 4],
+                     cifar_stem=True, width=8)
+    loader = ListLoader([(torch.arange(8) + 8 * k, crops(k)) for k in range(ITERS)])
+    loader.dataset = list(range(8 * ITERS))  # len() for the assignments
+    memory = dc.init_memory(loader, model, args)
+    optimizer = build_larc_sgd(model, args)
+    monitor = CollapseMonitor.from_args(args, args.nmb_prototypes)
+    counter = SyncCounter(monkeypatch)
+    kmeans = dc.cluster_memory
+
+    def per_epoch(*a, **kw):
+        counter.active = False
+        try:
+            return kmeans(*a, **kw)
+        finally:
+            counter.active = True
+    monkeypatch.setattr(dc, "cluster_memory", per_epoch)
+    with counter:
+        (_, loss), _, _ = dc.train(loader, model, optimizer, 0, np.full(ITERS, 0.1), *memory,
+                                   args, monitor=monitor)
+    # before: bool(isfinite(loss)), the gradient check, loss.item() and the monitor's float(loss)
+    assert counter.count <= READS_ALLOWED, counter.count
+    assert np.isfinite(loss)
