@@ -15,7 +15,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr, truncate_stats)
+                        run_epochs, set_lr, to_device, truncate_stats)
 from src.imagelist import check_data_path
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
@@ -134,7 +134,7 @@ def init_memory(dataloader, model, args):
         local_memory_index[start_idx: start_idx + nmb_unique_idx] = index.to(device)
         for mb_idx, crop_idx in enumerate(args.crops_for_assign):
             with forward_context(net, args):
-                embeddings = model(inputs[crop_idx].to(device, non_blocking=True))[0]
+                embeddings = model(to_device(inputs[crop_idx], device))[0]
             local_memory_embeddings[mb_idx][start_idx: start_idx + nmb_unique_idx] = embeddings
         start_idx += nmb_unique_idx
     logger.info("Initialization of the memory banks done.")
@@ -255,6 +255,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
     `state` (a dict) keeps the epoch's assignments for a mid-epoch resume at `start_iter`."""
     net = unwrap(model)
     model.train()
+    device = next(net.parameters()).device
     state = state if state is not None else {}
     if state.get("assignments") is None:  # a resumed epoch keeps the clusters it started with
         state["assignments"] = cluster_memory(model, local_memory_index, local_memory_embeddings,
@@ -262,7 +263,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         logger.info("Clustering for epoch {} done.".format(epoch))
     assignments = state["assignments"]
 
-    progress = EpochProgress(loader, epoch, args, start_iter, state=state)
+    progress = EpochProgress(loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = sum(args.nmb_crops)
     start_idx = start_iter * args.batch_size  # batches are full (drop_last)
     for it, iteration, (idx, inputs) in progress:
@@ -270,6 +271,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         set_lr(optimizer, schedule[iteration])
 
         # ============ multi-res forward passes ... ============
+        inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
         with forward_context(net, args):
             emb, output = model(inputs)
         emb = emb.detach()
@@ -279,20 +281,22 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         loss = deepcluster_loss(output, assignments, idx, ncrops, args.temperature)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
+                          progress)
 
         # ============ update memory banks ... ============
-        local_memory_index[start_idx: start_idx + bs] = idx.to(local_memory_index.device)
+        local_memory_index[start_idx: start_idx + bs] = to_device(idx, local_memory_index.device)
         for i, crop_idx in enumerate(args.crops_for_assign):
             local_memory_embeddings[i][start_idx: start_idx + bs] = \
                 emb[crop_idx * bs: (crop_idx + 1) * bs]
         start_idx += bs
 
         # ============ misc ... ============
-        if monitor is not None:  # collapse: loss at the mean of ln(K) (warns, or stops)
-            monitor.update(loss.detach(), assignments=[a[idx] for a in assignments],
-                           iteration=iteration)
-        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+        # the loss is read once per log interval (no host sync per step): by progress, which
+        # also gives it to the collapse monitor (loss at the mean of ln(K): warns, or stops)
+        if monitor is not None:
+            monitor.update(None, assignments=[a[idx] for a in assignments], iteration=iteration)
+        progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])
     if monitor is not None:
         monitor.epoch_summary(epoch)
     return (epoch, progress.losses.avg), local_memory_index, local_memory_embeddings

@@ -11,14 +11,14 @@ from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
 from src.engine import (EpochProgress, backward_and_step, build_train_data, end_epoch,
                         forward_context, prepare_model, resume_training_state, run_epochs,
-                        set_lr, setup_precision, truncate_stats)
+                        set_lr, setup_precision, to_device, truncate_stats)
 from src.imagelist import check_data_path
 from src.multicropdataset import BLURS
 from src.resnet50 import build_backbone
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
-                         normalized_std, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
+                         normalized_std_tensor, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
 from src.tensorboard import TensorBoard
-from src.utils import AverageMeter, bool_flag, fix_random_seeds, initialize_exp
+from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
 
@@ -107,15 +107,16 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=No
     device = next(net.parameters()).device
     state = state if state is not None else {}
     progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
-    z_std = AverageMeter()
+    # the collapse metric's average, summed on the device and read once, at the end of the epoch
+    z_sum, z_count = torch.zeros((), dtype=torch.float64, device=device), 0
     if start_iter > 0 and state.get("z_std_meter"):
-        z_std.update(*state["z_std_meter"])
+        avg, z_count = state["z_std_meter"]
+        z_sum += avg * z_count
 
     for it, iteration, (x1, x2) in progress:
         # update learning rate (groups marked fix_lr keep theirs)
         set_lr(optimizer, lr_schedule[iteration])
-        x1 = x1.to(device, non_blocking=True)
-        x2 = x2.to(device, non_blocking=True)
+        x1, x2 = to_device([x1, x2], device)  # uint8 views, normalised on the device
 
         # ============ two views, symmetric loss with stop-gradient ... ============
         with forward_context(net, args):
@@ -123,15 +124,17 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=No
         loss = simsiam_loss(p1, p2, z1, z2)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration)
+        backward_and_step(loss, model, optimizer, scaler, iteration, progress=progress)
 
         # ============ misc ... ============
         bs = x1.size(0)
-        z_std.update(0.5 * (normalized_std(z1) + normalized_std(z2)), bs)
-        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
+        z_sum += 0.5 * (normalized_std_tensor(z1).double() + normalized_std_tensor(z2).double()) * bs
+        z_count += bs
+        progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])  # read once per log
+    z_avg = z_sum.item() / max(z_count, 1)
     if progress.stopped_at is not None:  # resumed later: continue this epoch's average
-        state["z_std_meter"] = [z_std.avg, z_std.count]
-    return epoch, progress.losses.avg, z_std.avg
+        state["z_std_meter"] = [z_avg, z_count]
+    return epoch, progress.losses.avg, z_avg
 
 
 def log_collapse(z_std, dim, epoch):

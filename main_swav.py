@@ -16,7 +16,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr, truncate_stats)
+                        run_epochs, set_lr, to_device, truncate_stats)
 from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
@@ -108,9 +108,10 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
     `state` (a dict) carries `use_the_queue` across a mid-epoch resume."""
     net = unwrap(model)
     model.train()
+    device = next(net.parameters()).device
     state = state if state is not None else {}
     use_the_queue = state.get("use_the_queue", False)
-    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
+    progress = EpochProgress(train_loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = int(np.sum(args.nmb_crops))
 
     for it, iteration, inputs in progress:
@@ -124,6 +125,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
             net.prototypes.weight.copy_(w)
 
         # ============ multi-res forward passes ... ============
+        inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
         with forward_context(net, args):
             embedding, output = model(inputs)
         embedding = embedding.detach()
@@ -148,12 +150,15 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
         loss = swav_loss(output, q_per_crop, args.crops_for_assign, ncrops, bs, args.temperature)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters)
+        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
+                          progress)
 
         # ============ misc ... ============
-        progress.update(it, loss.item(), bs, optimizer.param_groups[0]["lr"])
-        if monitor is not None:  # collapse: loss at ln(K) (warns, or stops every rank)
-            monitor.update(loss.detach(), codes=q_per_crop, iteration=iteration)
+        # the loss is read once per log interval (no host sync per step): by progress, which
+        # also gives it to the collapse monitor (loss at ln(K): warns, or stops every rank)
+        progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])
+        if monitor is not None:
+            monitor.update(None, codes=q_per_crop, iteration=iteration)
     if monitor is not None:
         monitor.epoch_summary(epoch)
     state["use_the_queue"] = use_the_queue

@@ -1,6 +1,7 @@
 """Seconds per SwAV training iteration on synthetic crops, side by side with the plain fp32 step.
 
-One iteration is what main_swav.train() runs (it is called here): set lr, normalise the prototypes,
+One iteration is what main_swav.train() runs (it is called here): set lr, copy the uint8 crops
+to the device and normalise them there, normalise the prototypes,
 forward of all crops, Sinkhorn, swapped-prediction loss, backward, LARC + SGD step, loss.item().
 Each configuration runs in its own process (clean peak memory, no cache shared), rounds alternate
 the configurations, and each figure is the median over every timed iteration of every round.
@@ -100,6 +101,7 @@ def swav_args(args, cfg, device, lr=1e-3):
     a.freeze_prototypes_niters = 0  # the steady state: prototypes are trained too
     a.queue_length, a.rank, a.world_size, a.device = 0, 0, 1, device
     a.base_lr = lr
+    a.log_freq = 1  # read the loss every iteration (one host sync), so each one is timed whole
     a.use_fp16 = cfg["precision"] != "fp32"
     a.amp_dtype = {"fp32": "auto", "bf16": "bfloat16", "fp16": "float16"}[cfg["precision"]]
     a.channels_last = cfg["cl"]
@@ -108,8 +110,8 @@ def swav_args(args, cfg, device, lr=1e-3):
 
 class TimedLoader:
     """`n` batches from `source` (an endless iterator); records the time each batch is handed
-    out and the time spent waiting for it. train() calls loss.item() at the end of every
-    iteration, so a hand-out is after the device work of the previous iteration."""
+    out and the time spent waiting for it. With log_freq 1 train() reads the loss at the end of
+    every iteration, so a hand-out is after the device work of the previous iteration."""
     dataset = None
 
     def __init__(self, source, n):
@@ -183,8 +185,10 @@ def run_child(args):
                                    args.min_scale_crops, args.max_scale_crops,
                                    augment=args.augment)
         source = endless(build_loader(dataset, sargs))
-    else:  # the same synthetic crops every iteration, on the CPU (pinned) like a loader's
-        crops = [torch.randn(args.batch_size, 3, s, s) for s in sizes]
+    else:  # the same synthetic crops every iteration, uint8 on the CPU (pinned) like a loader's:
+        # train() copies and normalises them on the device (src/engine.py to_device)
+        crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8)
+                 for s in sizes]
         crops = [c.pin_memory() if device.startswith("cuda") else c for c in crops]
         source = itertools.repeat(crops)
     total = args.warmup + args.iters

@@ -1,57 +1,99 @@
 #!/usr/bin/env bash
-# The GPU checks and benchmarks of benchmarks/README.md, in the parts they were run in (each part
-# fits a 10-minute slot). Usage: bash benchmarks/gpu_suite.sh checks|eager|compile|data [OUT_DIR]
-# Without numba installed the fast augmentation falls back to PIL: install it first (pip).
-set -uo pipefail
+# The GPU checks of benchmarks/README.md. Any error stops the suite with a non-zero status.
+#
+#   bash benchmarks/gpu_suite.sh [--dry-run] [checks|bench|data] [OUT_DIR]
+#
+# checks (default, ~5 minutes on one H100): a few fp16 iterations of main_swav, main_deepclusterv2
+#   (two epochs: k-means, the memory bank and the collapse monitor's epoch end run), main_simsiam
+#   and the three evaluations on the SwAV checkpoint, each under the venv's
+#   `python -m torch.distributed.run` on CUDA; then tests/test_gpu.py.
+# bench: RN50 2x224+6x96 batch 64 training step, fp32 vs fp16 channels_last (bench_train_step.py).
+# data: images/s of the loader (bench_data.py) and training on JPEGs through the loader.
+# --dry-run prints the commands instead of running them (tests/test_feed.py parses them).
+# Every run writes to a fresh folder under OUT_DIR (default /tmp/gpu_suite): a rerun never
+# resumes an earlier run's checkpoint.
+set -euo pipefail
 cd "$(dirname "$0")/.."
-PART=${1:?checks, eager, compile or data}
-OUT=${2:-${OUT:-/tmp/gpu_suite}}
-mkdir -p "$OUT"
+
+DRY=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  DRY=1
+  shift
+fi
+PART=${1:-checks}
+OUT_ROOT=${2:-${OUT:-/tmp/gpu_suite}}
+PY=${PYTHON:-.venv/bin/python}
+if [[ $DRY == 0 && ! -x $PY ]]; then
+  echo "error: $PY not found: run 'make venv' first (or set PYTHON)" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-TINY=(--epochs 2 --batch_size 8 --nmb_crops 2 2 --size_crops 32 16 --min_scale_crops 0.3 0.1
-      --max_scale_crops 1 0.3 --nmb_prototypes 20 --feat_dim 16 --hidden_mlp 64 --workers 2
-      --checkpoint_freq 1 --arch resnet18 --width 8 --cifar_stem true --data_path /tmp/tiny_data)
-BENCH=(benchmarks/bench_train_step.py --device cuda --batch_size 64 --rounds 1 --warmup 5
-       --iters 20)
+
+mkdir -p "$OUT_ROOT"
+OUT=$(mktemp -d "$OUT_ROOT/run.$(date +%Y%m%d-%H%M%S).XXXX")
+DATA="$OUT/data"
+echo "suite $PART: results in $OUT"
+
+# run NAME CMD...: log to $OUT/NAME.txt, fail the suite (set -e, pipefail) when CMD fails
+run() {
+  local name=$1
+  shift
+  if [[ $DRY == 1 ]]; then
+    printf '%q ' "$@"
+    printf '\n'
+    return 0
+  fi
+  echo "== $name: $*"
+  "$@" 2>&1 | tee "$OUT/$name.txt"
+}
+
+# one process under the launcher, as the sbatch scripts start each task (CUDA: nccl backend)
+# (one process: no process group is created, so the collectives are skipped as in any
+# one-GPU run; --standalone picks a free port)
+TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
+TINY=(--arch resnet18 --width 8 --cifar_stem true --workers 2 --use_fp16 true --device cuda
+      --checkpoint_freq 1 --log_freq 2)
+CROPS=(--nmb_crops 2 2 --size_crops 32 16 --min_scale_crops 0.3 0.1 --max_scale_crops 1 0.3
+       --batch_size 8 --feat_dim 16 --hidden_mlp 64)
+EVAL=(--arch resnet18 --width 8 --cifar_stem true --workers 2 --device cuda --use_fp16 true
+      --resize 32 --center_crop 32 --batch_size 8 --data_path "$DATA/split"
+      --pretrained "$OUT/swav/checkpoint.pth.tar")
 
 case "$PART" in
 checks)
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/machine.txt"
-  $PY -c "import torch, torchvision, numpy, PIL, os; print('torch', torch.__version__, 'tv',
-torchvision.__version__, 'numpy', numpy.__version__, 'PIL', PIL.__version__, 'cpus', os.cpu_count())" \
-    | tee -a "$OUT/machine.txt"
-  $PY -c "import numba; print('numba', numba.__version__)" | tee -a "$OUT/machine.txt"
-  $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_fastpath.py \
-    tests/test_fastaugment.py 2>&1 | tee "$OUT/pytest.txt"
-  $PY -c "import sys; sys.path.insert(0, 'tests'); from conftest import make_image_folder; \
-make_image_folder('/tmp/tiny_data', classes=3, per_class=16, size=40)"
-  for fp16 in true false; do
-    $PY main_swav.py "${TINY[@]}" --use_fp16 $fp16 --dump_path /tmp/tiny_run_$fp16 2>&1 \
-      | grep -E "precision|Epoch: \[1\]|Training done|Error|error" | tee -a "$OUT/main_swav.txt"
-  done
-  # two processes on one machine: gloo on the CPU (nccl would need two GPUs)
-  torchrun --nproc_per_node 2 main_swav.py "${TINY[@]}" --use_fp16 false --device cpu \
-    --dump_path /tmp/tiny_run_gloo 2>&1 | grep -E "Training done|Error|error" \
-    | tee -a "$OUT/main_swav.txt"
+  run machine nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  run data "$PY" -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; \
+c.make_image_folder('$DATA/train', classes=3, per_class=16, size=40); \
+c.make_split_folder('$DATA/split', train_per_class=8, val_per_class=4)"
+  run main_swav "${TORCHRUN[@]}" main_swav.py "${TINY[@]}" "${CROPS[@]}" --epochs 2 \
+    --nmb_prototypes 20 --queue_length 16 --epoch_queue_starts 1 --data_path "$DATA/train" \
+    --dump_path "$OUT/swav"
+  run main_deepclusterv2 "${TORCHRUN[@]}" main_deepclusterv2.py "${TINY[@]}" "${CROPS[@]}" \
+    --epochs 2 --nmb_prototypes 6 5 4 --data_path "$DATA/train" --dump_path "$OUT/dcv2"
+  run main_simsiam "${TORCHRUN[@]}" main_simsiam.py "${TINY[@]}" --epochs 1 --batch_size 8 \
+    --size_crop 16 --dim 32 --pred_dim 8 --data_path "$DATA/train" --dump_path "$OUT/simsiam"
+  run eval_linear "${TORCHRUN[@]}" eval_linear.py "${EVAL[@]}" --train_crop 32 --epochs 1 \
+    --dump_path "$OUT/linear"
+  run eval_semisup "${TORCHRUN[@]}" eval_semisup.py "${EVAL[@]}" --train_crop 32 --epochs 1 \
+    --decay_epochs 1 --labels_perc 50 --dump_path "$OUT/semisup"
+  run eval_knn "${TORCHRUN[@]}" eval_knn.py "${EVAL[@]}" --nb_knn 3 --dump_path "$OUT/knn"
+  run test_gpu "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py
   ;;
-eager)  # synthetic crops, eager: fp32 baseline, channels_last, LARC loop vs multi-tensor, AMP
-  $PY "${BENCH[@]}" --configs fp32 fp32+cl+foreach fp16+cl fp16+cl+foreach bf16+cl+foreach \
-    2>&1 | tee "$OUT/train_eager.txt"
+bench)  # RN50 2x224+6x96, batch 64: fp32 baseline vs fp16 channels_last (+ multi-tensor LARC)
+  run train_step "$PY" benchmarks/bench_train_step.py --device cuda --batch_size 64 --rounds 1 \
+    --warmup 5 --iters 20 --configs fp32 fp16+cl+foreach bf16+cl+foreach
   ;;
-compile)
-  $PY "${BENCH[@]}" --configs fp16+cl+foreach+compile bf16+cl+foreach+compile \
-    2>&1 | tee "$OUT/train_compile.txt"
+data)  # per-core augmentation speed, the loader with N workers, training on JPEGs
+  run jpegs "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; \
+common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
+  run bench_data "$PY" benchmarks/bench_data.py --data_path "$DATA/jpegs" --rounds 3 \
+    --loader_workers 1 4 8 15
+  run train_jpeg "$PY" benchmarks/bench_train_step.py --device cuda --batch_size 64 --rounds 1 \
+    --warmup 5 --iters 20 --configs fp16+cl+foreach --data_path "$DATA/jpegs" --workers 15
   ;;
-data)  # per-core augmentation speed, the loader with N workers, and training on real JPEGs
-  $PY -c "import sys; sys.path.insert(0, 'benchmarks'); from common import make_jpeg_folder; \
-make_jpeg_folder('/tmp/jpegs', 2048, processes=16)"
-  $PY benchmarks/bench_data.py --data_path /tmp/jpegs --rounds 5 --loader_workers 4 8 15 \
-    2>&1 | tee "$OUT/data.txt"
-  for aug in fast pil; do
-    $PY "${BENCH[@]}" --configs fp16+cl+foreach --data_path /tmp/jpegs --workers 15 \
-      --augment $aug 2>&1 | tee "$OUT/train_jpeg_$aug.txt"
-  done
+*)
+  echo "error: unknown part $PART (checks, bench or data)" >&2
+  exit 2
   ;;
-*) echo "unknown part $PART" >&2; exit 2 ;;
 esac
+echo "suite $PART: passed (results in $OUT)"

@@ -119,6 +119,20 @@ def add_backbone_args(parser):
     return parser
 
 
+def add_tf32_arg(parser):
+    """--tf32 (pre-trainings and evaluations; src/engine.py configure_backends applies it)."""
+    parser.add_argument("--tf32", type=bool_flag, default=False,
+                        help="TF32 (10-bit mantissa) for fp32 matmuls and convolutions on Ampere "
+                             "and newer GPUs: faster fp32, less exact. Off by default: fp32 then "
+                             "means IEEE fp32 as in the original (V100s, no TF32); under "
+                             "--use_fp16 the heavy convolutions run in fp16 anyway, and the fp32 "
+                             "ops left are those that need the precision (the queue scores fed "
+                             "to Sinkhorn, whose exp(score / epsilon) multiplies their error by "
+                             "1/epsilon = 20; the k-means dot products whose argmax picks the "
+                             "clusters)")
+    return parser
+
+
 def add_run_args(parser):
     """Loader workers, checkpoints, precision, device, SyncBN, output folder, seed."""
     parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
@@ -136,6 +150,7 @@ def add_run_args(parser):
                         help="auto (CUDA when available), cuda or cpu")
     parser.add_argument("--channels_last", type=bool_flag, default=True,
                         help="NHWC memory format for the convolutions (faster; same math)")
+    add_tf32_arg(parser)
     parser.add_argument("--sync_bn", type=str, default="pytorch",
                         help="synchronize bn: pytorch (global), apex (groups), none")
     parser.add_argument("--syncbn_process_group_size", type=int, default=8,

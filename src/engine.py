@@ -4,6 +4,7 @@ the AMP backward/step, per-iteration logging and the training-state checkpoint.
 Each entry point keeps only its own loss and its own per-epoch state (queue, memory bank, ...).
 """
 import logging
+import math
 import os
 import time
 
@@ -19,7 +20,7 @@ from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume
                          truncate_stats)  # noqa: F401 (the entry points import it from here)
 from .imagelist import DataError, find_images, read_list_file, read_list_header
 from .lars import LARC
-from .multicropdataset import SeededSampler
+from .multicropdataset import SeededSampler, normalize_crops
 from .utils import AverageMeter, cosine_lr_schedule
 
 logger = logging.getLogger()
@@ -163,6 +164,33 @@ def setup_precision(args):
     return scaler
 
 
+def configure_backends(args):
+    """The CUDA kernel settings of the pre-trainings and the evaluations: cuDNN autotuning (the
+    input shapes are fixed, so the fastest convolution algorithm is found once per shape) and
+    TF32 for fp32 matmuls and convolutions only with --tf32 (see its help). No-op on a CPU."""
+    if not str(args.device).startswith("cuda"):
+        return
+    torch.backends.cudnn.benchmark = True
+    tf32 = bool(getattr(args, "tf32", False))
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # the legacy API: test_gpu's fixture uses it
+    torch.backends.cudnn.allow_tf32 = tf32  # (mixing it with fp32_precision raises)
+    logger.info("cuDNN autotuning on; fp32 matmuls and convolutions in "
+                + ("TF32 (--tf32 true)" if tf32 else "IEEE fp32 (--tf32 false)"))
+
+
+# ----------------------------------------------------------------------------- the feed
+def to_device(crops, device):
+    """A batch from the loader (a tensor or a list of crops) on `device`, float32: each copy is
+    non-blocking (from the loader's pinned memory on CUDA, so the host queues the next work while
+    the bytes travel) and uint8 crops (the multi-crop transforms' output) are normalised there,
+    as the original's ToTensor + Normalize would have on the host (src/multicropdataset.py
+    normalize_crops). Float tensors pass through unchanged."""
+    if isinstance(crops, (list, tuple)):
+        return [to_device(c, device) for c in crops]
+    crops = crops.to(device, non_blocking=True)
+    return normalize_crops(crops) if crops.dtype == torch.uint8 else crops
+
+
 # ----------------------------------------------------------------------------- the step
 def precision_of(model, args):
     """(device, autocast dtype or None) from the model's parameters and the flags."""
@@ -177,17 +205,26 @@ def forward_context(model, args):
     return autocast(device, dtype)
 
 
-def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototypes_niters=0):
+def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototypes_niters=0,
+                      progress=None):
     """zero_grad, (scaled) backward, drop prototype grads while frozen, optimiser step.
 
-    Without a loss scaler, a NaN/inf loss or gradient raises NonFiniteLossError before the
-    weights are touched. Under an fp16 GradScaler an overflow skips the step (normal now and
-    then); `scaler.nonfinite_guard` (see setup_precision) stops after too many in a row."""
+    Without a loss scaler, a NaN/inf loss or gradient raises NonFiniteLossError. Under an fp16
+    GradScaler an overflow skips the step (normal now and then); `scaler.nonfinite_guard` (see
+    setup_precision) stops after too many in a row.
+
+    progress=None: checked now, before the update (a host sync per check). Given the epoch's
+    EpochProgress (the training loops), the checks are kept on the device and read with the
+    losses once per log interval (no host sync per step but the scaler's own inf check): a
+    non-finite loss or gradient then stops the run at that read, up to a log interval after the
+    bad update, but always before the epoch ends or a mid-epoch checkpoint is written, so no
+    weights updated from non-finite values are ever saved."""
     scaled = scaler is not None and scaler.is_enabled()
-    loss_finite = bool(torch.isfinite(loss.detach()))
-    if not loss_finite and not scaled:
-        raise NonFiniteLossError(f"loss is {loss.item()} at iteration {iteration}: stopping "
-                                 "(the last checkpoint was not overwritten)")
+    if progress is None:
+        loss_finite = bool(torch.isfinite(loss.detach()))
+        if not loss_finite and not scaled:
+            raise NonFiniteLossError(f"loss is {loss.item()} at iteration {iteration}: stopping "
+                                     "(the last checkpoint was not overwritten)")
     optimizer.zero_grad(set_to_none=True)
     if scaled:
         scaler.scale(loss).backward()
@@ -202,15 +239,28 @@ def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototyp
         # keeps its unscaled/stepped state per optimizer object: unscale and step the same one
         # (unscaling LARC's inner optimizer then stepping LARC would divide by the scale twice)
         scaler.unscale_(optimizer)
+        if progress is not None:
+            # what the scaler's step is about to read (its own sync): inf/NaN found by unscale_
+            found = sum(f.to(loss.device) for f in scaler._found_inf_per_device(optimizer).values())
+            scaler.step(optimizer)
+            scaler.update()
+            skipped = (found > 0) | ~torch.isfinite(loss.detach())
+            progress.defer_check(iteration, skipped, None, scaler._get_scale_async(), scaler)
+            return
         scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
         # the scaler backs off its scale exactly when it found an inf/NaN and skipped the step
         skipped = scaler.get_scale() < scale or not loss_finite
-        guard = getattr(scaler, "nonfinite_guard", None)
-        if guard is None:
-            guard = scaler.nonfinite_guard = NonFiniteGuard()
-        guard.record(skipped, iteration, loss.item(), scaler.get_scale())
+        nonfinite_guard(scaler).record(skipped, iteration, loss.item(), scaler.get_scale())
+    elif progress is not None:
+        names, grads = _named_grads(model)
+        bad, first = ~torch.isfinite(loss.detach()), torch.zeros((), device=loss.device)
+        if grads:
+            nonfinite = ~torch.isfinite(torch.stack(torch._foreach_norm(grads)))
+            bad, first = bad | nonfinite.any(), nonfinite.int().argmax()
+        progress.defer_check(iteration, bad, first, None, names)
+        optimizer.step()
     else:
         bad = first_nonfinite_grad(model)
         if bad is not None:
@@ -220,15 +270,27 @@ def backward_and_step(loss, model, optimizer, scaler, iteration, freeze_prototyp
         optimizer.step()
 
 
+def nonfinite_guard(scaler):
+    guard = getattr(scaler, "nonfinite_guard", None)
+    if guard is None:
+        guard = scaler.nonfinite_guard = NonFiniteGuard()
+    return guard
+
+
+def _named_grads(model):
+    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    return [n for n, _ in named], [g for _, g in named]
+
+
 def first_nonfinite_grad(model):
     """Name of the first parameter whose gradient holds a NaN/inf, else None (one device sync)."""
-    named = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
-    if not named:
+    names, grads = _named_grads(model)
+    if not grads:
         return None
-    finite = torch.isfinite(torch.stack(torch._foreach_norm([g for _, g in named])))
+    finite = torch.isfinite(torch.stack(torch._foreach_norm(grads)))
     if bool(finite.all()):
         return None
-    return named[int((~finite).nonzero()[0, 0])][0]
+    return names[int((~finite).nonzero()[0, 0])]
 
 
 class NonFiniteGuard:
@@ -259,20 +321,30 @@ class NonFiniteGuard:
 class EpochProgress:
     """Iterates a loader with data/batch timers and the original's 50-iteration log line.
 
-    Preemption (src/preemption.py, once installed): after each step every rank asks whether a
-    stop was requested; if so, and steps remain, the epoch ends early with `stopped_at` = the
-    next iteration. `state` (the entry point's per-epoch dict, saved in a mid-epoch checkpoint)
-    then gets "stopped_at" and "loss_meter" (every rank's [sum, count]), and a resumed epoch
-    given that state continues each rank's loss average, so the epoch's stats rows equal an
-    uninterrupted run's."""
+    Host syncs: `update` and `backward_and_step(..., progress=self)` keep each step's loss and
+    non-finite checks on the device; `flush` reads them all in one host sync once per log
+    interval (the logged iterations), at a stop and at the end of the epoch, and only then
+    updates the loss average, the collapse monitor (`monitor`, fed the losses in order) and the
+    non-finite checks (which may raise NonFiniteLossError).
 
-    def __init__(self, loader, epoch, args, start_iter=0, log_freq=None, state=None):
+    Preemption (src/preemption.py, once installed): every rank asks whether a stop was requested
+    at the same steps (after every step in one process, where it is a flag; at each log
+    iteration when distributed, where it is an all-reduce read in the same sync as the losses).
+    If so, and steps remain, the epoch ends early with `stopped_at` = the next iteration.
+    `state` (the entry point's per-epoch dict, saved in a mid-epoch checkpoint) then gets
+    "stopped_at" and "loss_meter" (every rank's [sum, count]), and a resumed epoch given that
+    state continues each rank's loss average, so the epoch's stats rows equal an uninterrupted
+    run's."""
+
+    def __init__(self, loader, epoch, args, start_iter=0, log_freq=None, state=None,
+                 monitor=None):
         self.loader, self.epoch, self.args = loader, epoch, args
         # the original logs every 50 iterations; --log_freq changes it (e.g. a short demo)
         self.start_iter, self.log_freq = start_iter, log_freq or getattr(args, "log_freq", 50)
         self.batch_time, self.data_time, self.losses = AverageMeter(), AverageMeter(), AverageMeter()
         self.niter_per_ep = start_iter + len(loader)
-        self.state, self.stopped_at = state, None
+        self.state, self.stopped_at, self.monitor = state, None, monitor
+        self._losses, self._checks = [], []  # per step, not read yet (see flush)
         meters = (state or {}).get("loss_meter")
         if start_iter > 0 and meters:
             if len(meters) == du.get_world_size():
@@ -285,13 +357,22 @@ class EpochProgress:
 
     def __iter__(self):
         self.end = time.time()
+        distributed = du.get_world_size() > 1
         for it, batch in enumerate(self.loader, start=self.start_iter):
             self.data_time.update(time.time() - self.end)
             yield it, self.epoch * self.niter_per_ep + it, batch
-            # collective: every rank asks after the same step; a stop after the last step is
-            # an ordinary end of epoch
-            if preemption.should_stop() and it + 1 < self.niter_per_ep:
+            stop = False
+            if it % self.log_freq == 0:
+                flag = preemption.stop_flag() if distributed else None
+                reduced = self.flush(flag)
+                self.log(it)
+                stop = preemption.should_stop(reduced)
+            elif not distributed:
+                stop = preemption.should_stop()
+            # a stop after the last step is an ordinary end of epoch
+            if stop and it + 1 < self.niter_per_ep:
                 self.stopped_at = it + 1
+                self.flush()
                 if self.state is not None:  # rank 0 saves it: gather every rank's meter
                     meter = torch.tensor([self.losses.sum, self.losses.count], dtype=torch.float64)
                     meters = du.all_gather(meter)
@@ -300,6 +381,7 @@ class EpochProgress:
                 logger.info(f"epoch {self.epoch} stopped after iteration {it} of "
                             f"{self.niter_per_ep}")
                 break
+        self.flush()  # before train() returns, so before any checkpoint of this epoch
         # unreadable images were skipped (in the loader workers): say how many this epoch
         nbad = getattr(getattr(self.loader, "dataset", None), "pop_bad_images", lambda: 0)()
         if nbad:
@@ -309,29 +391,77 @@ class EpochProgress:
                            "them; --strict_data stops on the first instead)")
 
     def update(self, it, loss, n, lr):
-        """Record this iteration's loss; log every `log_freq` iterations on rank 0."""
+        """Record this iteration's loss (a tensor: read later, by flush; or a number)."""
         self.batch_time.update(time.time() - self.end)
         self.end = time.time()
-        self.losses.update(loss, n)
-        if getattr(self.args, "rank", 0) == 0 and it % self.log_freq == 0:
-            eta = self.batch_time.avg * (self.niter_per_ep - it - 1)
-            logger.info(
-                "Epoch: [{0}][{1}]\t"
-                "Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
-                "Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                "Loss {loss.val:.4f} ({loss.avg:.4f})\t"
-                "Lr: {lr:.4f}\tETA epoch {eta:.0f}s".format(
-                    self.epoch, it, batch_time=self.batch_time, data_time=self.data_time,
-                    loss=self.losses, lr=lr, eta=eta))
+        self.lr = lr
+        self._losses.append((it, loss.detach() if torch.is_tensor(loss) else float(loss), n))
+
+    def defer_check(self, iteration, bad, first_bad, scale, names_or_scaler):
+        """backward_and_step's non-finite check of one step, on the device (see flush)."""
+        self._checks.append((iteration, bad, first_bad, scale, names_or_scaler))
+
+    def flush(self, extra=None):
+        """Read every recorded loss and check, and `extra` (a 1-element tensor), in one host
+        sync; apply the checks (may raise NonFiniteLossError), then feed the loss meter and the
+        monitor in order. Returns extra's value (None without it)."""
+        tensors = [loss for _, loss, _ in self._losses if torch.is_tensor(loss)]
+        for _, bad, first, scale, _ in self._checks:
+            tensors += [t for t in (bad, first, scale) if t is not None]
+        if extra is not None:
+            tensors.append(extra)
+        if not tensors:
+            return None
+        device = tensors[0].device
+        values = iter(torch.cat([t.detach().reshape(-1).to(device, torch.float64)
+                                 for t in tensors]).tolist())  # the one host sync
+        losses = [(it, next(values) if torch.is_tensor(v) else v, n) for it, v, n in self._losses]
+        checks = [(i, next(values), None if f is None else int(next(values)),
+                   None if sc is None else next(values), names)
+                  for i, bad, f, sc, names in self._checks]
+        reduced = next(values) if extra is not None else None
+        self._losses, self._checks = [], []
+        loss_at = {self.epoch * self.niter_per_ep + it: v for it, v, _ in losses}
+        for iteration, bad, first, scale, names in checks:
+            loss = loss_at.get(iteration, float("nan"))
+            if scale is not None:  # a GradScaler skipped the step: counted by its guard
+                nonfinite_guard(names).record(bool(bad), iteration, loss, scale)
+            elif bad:
+                self._losses = []
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(f"loss is {loss} at iteration {iteration}: stopping "
+                                             "(the last checkpoint was not overwritten)")
+                raise NonFiniteLossError(
+                    f"non-finite gradient of {names[first]} at iteration {iteration} (loss "
+                    f"{loss:.4f}): stopping before any checkpoint (the last checkpoint was not "
+                    "overwritten)")
+        for it, value, n in losses:
+            self.losses.update(value, n)
+            if self.monitor is not None:  # collapse: the loss at ln(K) (warns, or stops)
+                self.monitor.update(value, iteration=self.epoch * self.niter_per_ep + it)
+        return reduced
+
+    def log(self, it):
+        """The original's progress line, on rank 0."""
+        if getattr(self.args, "rank", 0) != 0:
+            return
+        eta = self.batch_time.avg * (self.niter_per_ep - it - 1)
+        logger.info(
+            "Epoch: [{0}][{1}]\t"
+            "Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+            "Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
+            "Loss {loss.val:.4f} ({loss.avg:.4f})\t"
+            "Lr: {lr:.4f}\tETA epoch {eta:.0f}s".format(
+                self.epoch, it, batch_time=self.batch_time, data_time=self.data_time,
+                loss=self.losses, lr=getattr(self, "lr", 0.0), eta=eta))
 
 
 def run_epochs(train_loader, start_epoch, args, start_iter=0):
     """The frame of an entry point's epoch loop: yields start_epoch .. args.epochs - 1, each
     logged and with the sampler set to it (the first one from batch `start_iter`, for a
-    mid-epoch resume; cudnn autotuning on CUDA); once the loop is done, every rank waits for the
-    others and the end is logged."""
-    if str(args.device).startswith("cuda"):
-        torch.backends.cudnn.benchmark = True
+    mid-epoch resume; the CUDA settings of configure_backends); once the loop is done, every
+    rank waits for the others and the end is logged."""
+    configure_backends(args)
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)

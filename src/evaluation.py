@@ -25,6 +25,8 @@ from .amp import autocast, make_scaler, resolve_amp
 from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
                          check_resume_flags, model_state_dict, restart_from_checkpoint,
                          truncate_stats)
+from .cli import add_tf32_arg
+from .engine import configure_backends
 from .imagelist import DataError, ImageList, find_images, require_labels
 from .multicropdataset import MEAN, STD, SafeImageFolder
 from .pretrained import load_pretrained
@@ -70,9 +72,12 @@ def add_eval_data_args(parser, train_crop=True):
 
 
 def add_eval_run_args(parser, log_freq=50):
-    """Device, precision of frozen forwards, TensorBoard, log frequency."""
+    """Device, precision of frozen forwards, memory format, TF32, TensorBoard, log frequency."""
     parser.add_argument("--device", type=str, default="auto",
                         help="auto (CUDA when available), cuda or cpu")
+    parser.add_argument("--channels_last", type=bool_flag, default=True,
+                        help="NHWC memory format for the convolutions (faster; same math)")
+    add_tf32_arg(parser)
     parser.add_argument("--use_fp16", type=bool_flag, default=False,
                         help="mixed precision for the forward passes (fp16 on CUDA, bf16 on a CPU "
                              "with native bf16)")
@@ -262,6 +267,8 @@ def build_frozen_backbone(args, image_size):
                                cifar_stem=args.cifar_stem, width=args.width or None)
         load_backbone_weights(model, args.pretrained, args.allow_missing_keys)
     model = model.to(args.device).eval()
+    if getattr(args, "channels_last", True):  # as engine.prepare_model: NHWC convolutions
+        model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
     return model
@@ -542,6 +549,7 @@ def start_eval(args, name, columns=SUPERVISED_COLUMNS):
     paths = eval_paths(args, name)
     _, stats = initialize_exp(args, *columns, stats_name=paths["stats"], log_name=paths["log"],
                               params_name=paths["params"], lock_name=paths["lock"])
+    configure_backends(args)  # cuDNN autotuning, --tf32: as the pre-trainings
     return paths, stats, TensorBoard(args, name)
 
 

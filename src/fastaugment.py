@@ -10,9 +10,11 @@ rest (tests/test_fastaugment.py checks the output tensors are equal bit for bit)
 goes instead:
 - colour jitter and grayscale run in place on the crop's pixels (numba); PIL makes a new image per
   operation and its RGB <-> HSV conversions for the hue shift are slow;
-- the flip happens in the copy that takes the crop out of PIL, and ToTensor + Normalize become
-  one pass through a per-channel 256-entry table that holds exactly the float32 values those
-  two transforms compute.
+- the flip happens in the copy that takes the crop out of PIL, and the crop leaves as uint8
+  channel planes in one pass (the training feed: normalised on the device, see
+  multicropdataset.normalize_crops); with mean/std given, ToTensor + Normalize are done on the
+  host instead, in one pass through a per-channel 256-entry table that holds exactly the float32
+  values those two transforms compute.
 Without numba, `available()` is False and the dataset keeps the PIL pipeline.
 """
 import math
@@ -213,6 +215,16 @@ def colour_(px, order, factors, hue_shift, gray):
 
 
 @_njit
+def planes_(px, out):
+    """out[c, k] = channel c of pixel k (uint8): PILToTensor's C x H x W layout in one pass."""
+    for k in range(px.shape[0]):
+        r, g, b = _unpack(px[k])
+        out[0, k] = r
+        out[1, k] = g
+        out[2, k] = b
+
+
+@_njit
 def normalize_(px, lut, out):
     """out[c, k] = lut[c, channel c of pixel k]: ToTensor + Normalize in one pass."""
     for k in range(px.shape[0]):
@@ -256,10 +268,11 @@ class FastCropTransform:
 
         RandomResizedCrop(size, scale) -> RandomHorizontalFlip(0.5)
         -> RandomApply([ColorJitter(0.8, 0.8, 0.8, 0.2)], p=0.8) -> RandomGrayscale(0.2)
-        -> blur (the given callable, PIL image in and out) -> ToTensor -> Normalize(mean, std)
+        -> blur (the given callable, PIL image in and out) -> PILToTensor (uint8), or, with
+        mean and std given, -> ToTensor -> Normalize(mean, std) (float32)
     """
 
-    def __init__(self, size, scale, blur, mean, std, jitter_strength=1.0, p_jitter=0.8,
+    def __init__(self, size, scale, blur, mean=None, std=None, jitter_strength=1.0, p_jitter=0.8,
                  p_gray=0.2, p_flip=0.5):
         self.size = size
         self.rrc = T.RandomResizedCrop(size, scale=tuple(scale))
@@ -269,7 +282,7 @@ class FastCropTransform:
         self.blur = blur
         from .multicropdataset import PILRandomGaussianBlur  # here: that module imports this one
         self._pil_blur = type(blur) is PILRandomGaussianBlur
-        self.lut = normalize_table(mean, std)
+        self.lut = None if mean is None else normalize_table(mean, std)
         self._no_jitter, self._no_factors = np.zeros(0, np.int64), np.ones(3, np.float32)
 
     def draw_jitter(self):
@@ -321,10 +334,14 @@ class FastCropTransform:
         return words if blurred is pil else to_words(blurred, writable=False)
 
     def to_tensor(self, words):
-        """ToTensor + Normalize: float32 3 x H x W."""
+        """uint8 3 x H x W (PILToTensor), or float32 ToTensor + Normalize with mean/std."""
         height, width = words.shape
-        out = np.empty((3, height * width), np.float32)
-        normalize_(words.reshape(-1), self.lut, out)
+        if self.lut is None:
+            out = np.empty((3, height * width), np.uint8)
+            planes_(words.reshape(-1), out)
+        else:
+            out = np.empty((3, height * width), np.float32)
+            normalize_(words.reshape(-1), self.lut, out)
         return torch.from_numpy(out).view(3, height, width)
 
     def __repr__(self):
@@ -345,3 +362,4 @@ def warm_up():
     grayscale_(px)
     colour_(px, np.arange(4), np.ones(3, np.float32), 3, True)
     normalize_(px, np.zeros((3, 256), np.float32), np.empty((3, 3), np.float32))
+    planes_(px, np.empty((3, 3), np.uint8))

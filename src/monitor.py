@@ -102,12 +102,9 @@ class CollapseMonitor:
         assignments: hard prototype ids (B,), or a list per head; negative ids (DeepCluster-v2's
         -100 for unassigned samples) are ignored. Nothing here synchronises the device except
         reading the loss (and one scalar all-reduce per call when stop=True and distributed).
+        loss None: only the codes/assignments (no sync); the training loops give the losses
+        later, as numbers (src/engine.py EpochProgress reads them once per log interval).
         """
-        loss_value = float(loss)
-        self.loss_sum += loss_value
-        self.loss_n += 1
-        if torch.is_tensor(loss):
-            self.device = loss.device
         for i, q in enumerate(_as_list(codes)):
             h = i if len(self.ks) > 1 else 0
             e = _entropy_rows(q)
@@ -117,6 +114,13 @@ class CollapseMonitor:
         for i, a in enumerate(_as_list(assignments)):
             h = i if len(self.ks) > 1 else 0
             self._count(h, a.detach(), self.ks[h])
+        if loss is None:
+            return
+        loss_value = float(loss)
+        self.loss_sum += loss_value
+        self.loss_n += 1
+        if torch.is_tensor(loss):
+            self.device = loss.device
 
         at_ln_k = abs(loss_value - self.ln_k) <= self.tolerance * self.ln_k
         counting = iteration is None or iteration >= self.start_iter

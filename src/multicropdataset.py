@@ -2,13 +2,17 @@
 
 Augmentations as the original: RandomResizedCrop -> flip -> colour distortion (jitter 0.8 with
 p 0.8, grayscale p 0.2) -> Gaussian blur (p 0.5, sigma ~ U[0.1, 2]) -> ToTensor -> Normalize
-(std 0.228, not torchvision's 0.229: kept as in the original).
+(std 0.228, not torchvision's 0.229: kept as in the original). The crops leave the loader as
+uint8 (a quarter of float32's bytes across PCIe, and no float work in the loader workers):
+`normalize_crops` (called on the device by src/engine.py `to_device`) does ToTensor's /255 and
+Normalize there, with the same float32 operations, so the values are the original's.
 
 Randomness comes from torch's RNG only (the original drew the blur coin from numpy, which repeats
 across DataLoader workers). With a `SeededSampler` each sample is augmented from its own seed,
 a function of (seed, epoch, index): the crops do not depend on the number of workers, and a
 resumed run (even mid-epoch) sees exactly the crops an uninterrupted run would have seen.
 """
+import functools
 import logging
 import math
 from contextlib import nullcontext
@@ -161,13 +165,39 @@ def get_color_distortion(s=1.0):
     return transforms.Compose([rnd_color_jitter, rnd_gray])
 
 
+def normalize_crops(x, mean=MEAN, std=STD):
+    """uint8 C x H x W (or N x C x H x W) crops -> float32 Normalize(ToTensor(crop)): the same
+    float32 operations in the same order as those two transforms (so equal to float rounding,
+    bit for bit on the CPU). Run it where the crops are: on the GPU for training."""
+    x = x.to(torch.float32).div_(255)
+    m, s = _channel_stats(x.device, tuple(mean), tuple(std))
+    return x.sub_(m).div_(s)
+
+
+@functools.lru_cache(maxsize=None)
+def _channel_stats(device, mean, std):
+    # made once per device: a copy of a Python list to the GPU would wait for the GPU each step
+    return tuple(torch.tensor(v, dtype=torch.float32).view(-1, 1, 1).to(device)
+                 for v in (mean, std))
+
+
+def to_tensor(host_normalize=False):
+    """The pipelines' last step(s): uint8 crops (PILToTensor), or the original's float32
+    ToTensor + Normalize on the host."""
+    if host_normalize:
+        return [transforms.ToTensor(), transforms.Normalize(mean=MEAN, std=STD)]
+    return [transforms.PILToTensor()]
+
+
 def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops, blur="pil",
-                         augment="fast"):
+                         augment="fast", host_normalize=False):
     """The list of per-crop transforms, crops of resolution 0 first.
 
     augment="fast" (default): src/fastaugment.py, which draws the same random numbers and
     returns the same tensors as the torchvision/PIL pipeline ("pil"), in less time; it falls
-    back to "pil" when numba is not installed."""
+    back to "pil" when numba is not installed. Each crop is a uint8 3 x H x W tensor (normalised
+    on the device: `normalize_crops`); host_normalize=True ends with the original's ToTensor +
+    Normalize on the host instead (float32; benchmarks and tests of the two paths)."""
     if not (len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)):
         raise ValueError(
             "--size_crops, --nmb_crops, --min_scale_crops and --max_scale_crops must have the same "
@@ -186,7 +216,8 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
             trans = []
             for i in range(len(size_crops)):
                 t = fastaugment.FastCropTransform(
-                    size_crops[i], (min_scale_crops[i], max_scale_crops[i]), blur_t, MEAN, STD)
+                    size_crops[i], (min_scale_crops[i], max_scale_crops[i]), blur_t,
+                    *((MEAN, STD) if host_normalize else ()))
                 trans.extend([t] * nmb_crops[i])
             return trans
         logger.warning("numba is not installed: using the (slower) PIL augmentation pipeline")
@@ -197,8 +228,7 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
             transforms.RandomHorizontalFlip(p=0.5),
             get_color_distortion(),
             blur_t,
-            transforms.ToTensor(),
-            transforms.Normalize(mean=MEAN, std=STD),
+            *to_tensor(host_normalize),
         ])
         trans.extend([t] * nmb_crops[i])
     return trans

@@ -16,7 +16,8 @@ Slurm job (SIGUSR1) or exit (SIGTERM, SIGINT).
   loadable: every save is atomic).
 
 The handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every
-step; it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
+step in one process and at each log iteration when distributed (reading the all-reduced flag is a
+host sync, taken with the losses'); it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
 after the same step and leaves the same way, even when the signal reached the ranks at different
 moments or only some of them. The entry point then writes a checkpoint at that iteration and
 calls `exit_after_checkpoint()`.
@@ -101,17 +102,35 @@ def requested():
     return _state.received is not None
 
 
-def should_stop():
+def stop_flag():
+    """The strongest stop signal's code (0: none; INT > TERM > USR1) all-reduced (MAX) across
+    ranks, as a 1-element tensor not read yet (under nccl neither the fill nor the all-reduce
+    waits for the GPU): a collective, every rank calls it at the same points; pass its value to
+    should_stop(). None when there is nothing to reduce (not installed, already agreed, or one
+    process)."""
+    if not _state.installed or _state.agreed or du.get_world_size() == 1:
+        return None
+    t = torch.full((1,), _CODE.get(_state.received, 0), dtype=torch.int32,
+                   device=du.backend_device())
+    return du.all_reduce(t, dist.ReduceOp.MAX)
+
+
+def should_stop(reduced=None):
     """True once any rank received the signal. A collective when distributed: every rank must
-    call it at the same points (EpochProgress does after every step). False, and no collective,
-    unless `install()` was called, so evaluation loops with uneven shards are unaffected."""
+    call it at the same points (EpochProgress does at each log iteration, reading the flag in
+    the same host sync as the losses: `reduced`, the value of stop_flag()'s tensor). False, and
+    no collective, unless `install()` was called, so evaluation loops with uneven shards are
+    unaffected. In one process it is a flag: no collective, no sync."""
     if not _state.installed:
         return False
     if _state.agreed:
         return True
-    flag = _CODE.get(_state.received, 0)
-    if du.get_world_size() > 1:
-        flag = int(du.all_reduce(torch.tensor([flag], dtype=torch.int32), dist.ReduceOp.MAX))
+    if reduced is not None:
+        flag = int(reduced)
+    elif du.get_world_size() > 1:
+        flag = int(stop_flag().item())
+    else:
+        flag = _CODE.get(_state.received, 0)
     if flag:
         _state.agreed, _state.kind = True, STOP_SIGNALS[flag - 1].name
         how = (f"received {_state.received}" if _state.received == _state.kind

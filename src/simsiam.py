@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 
 from . import fastaugment
-from .multicropdataset import MEAN, STD, MultiCropDataset, make_blur
+from .multicropdataset import MEAN, STD, MultiCropDataset, make_blur, to_tensor
 
 logger = logging.getLogger()
 
@@ -80,7 +80,12 @@ def _cosine_to_target(p, z):
 def normalized_std(z):
     """Collapse metric (paper, Fig. 2): mean over dimensions of the per-dimension std of the
     L2-normalised outputs. About 1/sqrt(d) for well spread outputs, 0 for collapsed ones."""
-    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean().item()
+    return normalized_std_tensor(z).item()
+
+
+def normalized_std_tensor(z):
+    """normalized_std as a 0-d tensor on z's device (not read: no host sync)."""
+    return F.normalize(z.detach().float(), dim=1).std(dim=0).mean()
 
 
 def no_collapse_std(dim):
@@ -105,9 +110,11 @@ def simsiam_lr_schedule(init_lr, epochs, niter_per_ep):
     return [lr for lr in per_epoch for _ in range(niter_per_ep)]
 
 
-def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augment="fast"):
+def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augment="fast",
+                      host_normalize=False):
     """SimSiam's (= MoCo v2's) augmentation: crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
-    p 0.2, blur p 0.5, flip, normalise (with this project's mean/std).
+    p 0.2, blur p 0.5, flip, then uint8 out (normalised with this project's mean/std on the
+    device, src/engine.py to_device), or host_normalize=True: ToTensor + Normalize here.
 
     augment="pil": the original's torchvision pipeline, in its order. "fast" (default):
     src/fastaugment.py with half of SwAV's jitter strength, i.e. the same jitter; it draws the
@@ -119,7 +126,8 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
     if augment == "fast":
         if fastaugment.available():
             fastaugment.warm_up()
-            return fastaugment.FastCropTransform(size, (min_scale, max_scale), blur_t, MEAN, STD,
+            stats = (MEAN, STD) if host_normalize else (None, None)
+            return fastaugment.FastCropTransform(size, (min_scale, max_scale), blur_t, *stats,
                                                  jitter_strength=0.5)
         logger.warning("numba is not installed: using the (slower) PIL augmentation pipeline")
     return transforms.Compose([
@@ -128,8 +136,7 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
         transforms.RandomGrayscale(p=0.2),
         blur_t,
         transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=MEAN, std=STD),
+        *to_tensor(host_normalize),
     ])
 
 

@@ -17,7 +17,7 @@ import main_deepclusterv2 as dc
 from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
 from src import preemption
 from src.checkpoint import CheckpointError
-from src.engine import build_larc_sgd, build_loader, build_lr_schedule
+from src.engine import build_larc_sgd, build_loader, build_lr_schedule, to_device
 from src.kmeans import spherical_kmeans
 from src.multicropdataset import MultiCropDataset
 from src.resnet50 import resnet18
@@ -127,7 +127,8 @@ def test_init_memory_holds_each_assigned_crops_embedding(image_folder):
         for idx, inputs in loader:
             assert torch.equal(index[start:start + 8], idx)
             for j, crop in enumerate(args.crops_for_assign):
-                torch.testing.assert_close(embeddings[j, start:start + 8], model(inputs[crop])[0])
+                torch.testing.assert_close(embeddings[j, start:start + 8],
+                                           model(to_device(inputs[crop], "cpu"))[0])
             start += 8
 
 
@@ -141,7 +142,7 @@ def _original_train(loader, model, optimizer, epoch, schedule, mem_index, mem_em
         iteration = epoch * len(loader) + it
         for param_group in optimizer.param_groups:
             param_group["lr"] = schedule[iteration]
-        emb, output = model(inputs)
+        emb, output = model(to_device(inputs, "cpu"))  # the original's float crops
         emb = emb.detach()
         bs = inputs[0].size(0)
         loss = 0
