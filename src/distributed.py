@@ -79,7 +79,9 @@ def init_distributed_mode(args):
         args.gpu_to_work_on = None
         args.device = "cpu"
 
-    if args.world_size > 1:
+    # under torchrun a group is made for one process too: its collectives then run on one rank
+    # (nccl on a GPU), as in a multi-GPU job, instead of being skipped
+    if args.world_size > 1 or launcher == "torchrun":
         if launcher == "slurm":
             if "MASTER_ADDR" not in os.environ:
                 os.environ["MASTER_ADDR"] = _slurm_master_addr() or _one_node_master_addr()

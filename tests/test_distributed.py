@@ -58,3 +58,22 @@ def test_one_node_job_falls_back_to_this_host(fake):
     mp.setenv("SLURM_JOB_NUM_NODES", "1")
     run(ngpus=8)
     assert os.environ["MASTER_ADDR"] == "127.0.0.1" and "group" in seen
+
+
+def test_torchrun_with_one_process_makes_a_one_rank_group(fake):
+    """`torchrun --nproc_per_node 1` (the GPU suite's runs): a real group of one, so the
+    collectives run (nccl on a GPU) instead of being skipped as in a plain process."""
+    run, seen, monkeypatch = fake
+    for k in ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(k)
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    args = run(ngpus=1)
+    assert args.world_size == 1 and args.device == "cuda:0"
+    assert seen["group"]["backend"] == "nccl" and seen["group"]["world_size"] == 1
+    # a plain process (no launcher) makes none
+    seen.clear()
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k)
+    run(ngpus=1)
+    assert "group" not in seen
