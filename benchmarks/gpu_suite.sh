@@ -47,9 +47,9 @@ run() {
   "$@" 2>&1 | tee "$OUT/$name.txt"
 }
 
-# one process under the launcher, as the sbatch scripts start each task (CUDA: nccl backend)
-# (one process: no process group is created, so the collectives are skipped as in any
-# one-GPU run; --standalone picks a free port)
+# one process under the launcher, as the sbatch scripts start each task (CUDA: nccl backend;
+# under torchrun one process gets a one-rank group, so the collectives run; --standalone picks
+# a free port)
 TORCHRUN=("$PY" -m torch.distributed.run --standalone --nproc_per_node 1)
 TINY=(--arch resnet18 --width 8 --cifar_stem true --workers 2 --use_fp16 true --device cuda
       --checkpoint_freq 1 --log_freq 2)
