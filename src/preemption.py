@@ -104,14 +104,13 @@ def requested():
 
 def stop_flag():
     """The strongest stop signal's code (0: none; INT > TERM > USR1) all-reduced (MAX) across
-    ranks, as a 1-element tensor not read yet (under nccl neither the fill nor the all-reduce
-    waits for the GPU): a collective, every rank calls it at the same points; pass its value to
+    ranks, as a 1-element tensor not read yet: a collective, every rank calls it at the same points; pass its value to
     should_stop(). None when there is nothing to reduce (not installed, already agreed, or one
     process)."""
     if not _state.installed or _state.agreed or du.get_world_size() == 1:
         return None
-    t = torch.full((1,), _CODE.get(_state.received, 0), dtype=torch.int32,
-                   device=du.backend_device())
+    # made on the host and moved by du (one small copy per log interval), like every collective
+    t = torch.full((1,), _CODE.get(_state.received, 0), dtype=torch.int32)
     return du.all_reduce(t, dist.ReduceOp.MAX)
 
 

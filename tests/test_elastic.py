@@ -283,7 +283,8 @@ DC = ["--nmb_prototypes", "6", "5", "4"]
 def test_deepclusterv2_2_to_1_to_2_processes_with_its_memory_bank(image_folder, tmp_path, warm):
     dump = str(tmp_path / "dc")
     argv = lambda epochs, bs: tiny_swav_argv(  # noqa: E731
-        image_folder, dump, [*DC, "--epochs", str(epochs), "--batch_size", str(bs)])
+        image_folder, dump, [*DC, "--epochs", str(epochs), "--batch_size", str(bs),
+                             "--log_freq", "1"])  # distributed stop checks at log iterations
 
     # 2 processes, stopped in epoch 0 after iteration 1 (mid-epoch checkpoint)
     two = _run(main_deepclusterv2, argv(1, 4), 2, stop_step=1)

@@ -6,6 +6,8 @@ collective's result. Each such call is counted while `train()` runs: the default
 losses and the non-finite checks once per log interval (src/engine.py EpochProgress.flush); with
 a GradScaler its own inf check adds one per step. (A CUDA -> CPU copy is a sync too, invisible
 on a CPU: `torch.cuda.set_sync_debug_mode("warn")` shows those on a GPU.)"""
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -120,10 +122,11 @@ def test_distributed_stop_check_once_per_log_interval_in_the_same_read(monkeypat
     reduces = []
 
     def all_reduce(t, op=None):  # a fake 2-rank group: this rank's flag is the maximum
-        reduces.append(t.clone())
+        if t.dtype == torch.int32 and t.numel() == 1:  # the stop flag (Sinkhorn's sums aside)
+            reduces.append(t.clone())
         return t
     monkeypatch.setattr(du, "get_world_size", lambda: 2)
-    monkeypatch.setattr(preemption.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(du, "all_reduce", all_reduce)  # every collective goes through du
     preemption.install()
     count, _ = swav_run(monkeypatch)
     assert len(reduces) == ITERS // LOG_FREQ  # iterations 0 and 3 (before: every step)
@@ -179,3 +182,30 @@ def test_deepclusterv2_reads_once_per_log_interval(monkeypatch):
     # before: bool(isfinite(loss)), the gradient check, loss.item() and the monitor's float(loss)
     assert counter.count <= READS_ALLOWED, counter.count
     assert np.isfinite(loss)
+
+
+def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(monkeypatch):
+    """A SIGTERM gives 30 s before SIGKILL: with --log_freq 100 the ranks still agree on a stop
+    within STOP_CHECK_EVERY steps, not at the next log iteration."""
+    from src.engine import STOP_CHECK_EVERY, EpochProgress
+    checks = []
+
+    def all_reduce(t, op=None):
+        checks.append(it)
+        return t
+    monkeypatch.setattr(du, "get_world_size", lambda: 2)
+    monkeypatch.setattr(du, "all_gather", lambda t: [t, t])
+    monkeypatch.setattr(du, "all_reduce", all_reduce)
+    preemption.reset()
+    preemption.install()
+    try:
+        args = argparse.Namespace(rank=0, world_size=2, log_freq=100)
+        progress = EpochProgress(list(range(40)), 0, args, state={})
+        for it, _, _ in progress:
+            progress.update(it, 1.0, 4, 0.1)
+            if it == 13:
+                preemption._state.received = "SIGTERM"  # as the handler does
+        assert checks[:2] == [0, STOP_CHECK_EVERY] and STOP_CHECK_EVERY <= 10
+        assert progress.stopped_at == 21  # agreed at iteration 20, not at the log iteration 100
+    finally:
+        preemption.reset()
