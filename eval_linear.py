@@ -15,6 +15,7 @@ import torch
 
 from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
+from src.errors import UsageError
 from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
                             eval_scaler, eval_transforms, extract_features, fit, frozen_forward,
@@ -93,7 +94,7 @@ def main(args):
     # build the frozen backbone and the linear classifier
     model = build_frozen_backbone(args, args.center_crop if args.cache_features else args.train_crop)
     if args.arch == PIXELS and not args.cache_features and args.train_crop != args.center_crop:
-        raise ValueError("--arch pixels needs --train_crop equal to --center_crop")
+        raise UsageError("--arch pixels needs --train_crop equal to --center_crop")
     linear_classifier = RegLog(num_labels, args.arch, args.global_pooling, args.use_bn,
                                num_features=model.num_features)
     linear_classifier = prepare_model(linear_classifier, args)

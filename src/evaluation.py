@@ -27,6 +27,7 @@ from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, chec
                          truncate_stats)
 from .cli import add_tf32_arg
 from .engine import configure_backends
+from .errors import UsageError
 from .imagelist import DataError, ImageList, find_images, require_labels
 from .multicropdataset import MEAN, STD, SafeImageFolder
 from .pretrained import load_pretrained
@@ -96,7 +97,7 @@ def eval_transforms(args):
     train = None
     if hasattr(args, "train_crop"):
         if not 0 < args.train_min_scale <= 1:
-            raise ValueError(f"--train_min_scale must be in (0, 1], got {args.train_min_scale}")
+            raise UsageError(f"--train_min_scale must be in (0, 1], got {args.train_min_scale}")
         train = transforms.Compose([
             transforms.RandomResizedCrop(args.train_crop, scale=(args.train_min_scale, 1.0)),
             transforms.RandomHorizontalFlip(),
@@ -104,7 +105,7 @@ def eval_transforms(args):
             normalize,
         ])
     if args.center_crop > args.resize:
-        raise ValueError(f"--center_crop {args.center_crop} is larger than --resize {args.resize}")
+        raise UsageError(f"--center_crop {args.center_crop} is larger than --resize {args.resize}")
     val = transforms.Compose([
         transforms.Resize(args.resize),
         transforms.CenterCrop(args.center_crop),
@@ -221,7 +222,7 @@ def tensor_loaders(train, val, args):
                                                   rank=args.rank, shuffle=True, seed=args.seed)
     train_loader = TensorLoader(train, sampler, args.batch_size)
     if len(train_loader) == 0:
-        raise ValueError("no training images")
+        raise UsageError("no training images")
     val_loader = TensorLoader(val, ShardSampler(len(val[0])), args.batch_size)
     return train_loader, val_loader
 
@@ -260,7 +261,7 @@ def build_frozen_backbone(args, image_size):
     --pretrained loaded, or PixelFeatures. `num_features` gives the channel count."""
     if args.arch == PIXELS:
         if args.pretrained:
-            raise ValueError("--arch pixels takes no --pretrained weights")
+            raise UsageError("--arch pixels takes no --pretrained weights")
         model = PixelFeatures(3 * image_size * image_size)
     else:
         model = build_backbone(args.arch, output_dim=0, eval_mode=True,
@@ -309,13 +310,13 @@ class RegLog(nn.Module):
         if global_avg:
             if num_features is None:
                 if arch not in self.WIDTHS:
-                    raise ValueError(f"RegLog: unknown arch {arch!r}: give num_features")
+                    raise UsageError(f"RegLog: unknown arch {arch!r}: give num_features")
                 num_features = self.WIDTHS[arch]
             s = num_features
             self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
         else:
             if arch != "resnet50":
-                raise ValueError(f"--global_pooling false is only defined for resnet50 "
+                raise UsageError(f"--global_pooling false is only defined for resnet50 "
                                  f"(2048 x 7 x 7 maps), not {arch}")
             s = 8192
             self.av_pool = nn.AvgPool2d(6, stride=1)
@@ -637,7 +638,7 @@ def stratified_subset(samples, labels_perc, seed, classes=None):
     """`labels_perc` % of each class's samples (rounded), drawn by a seeded RNG: deterministic,
     in the original sample order. A class left with no image is an error."""
     if not 0 < labels_perc <= 100:
-        raise ValueError(f"--labels_perc must be in (0, 100], got {labels_perc}")
+        raise UsageError(f"--labels_perc must be in (0, 100], got {labels_perc}")
     by_class = {}
     for i, (_, target) in enumerate(samples):
         by_class.setdefault(target, []).append(i)

@@ -23,6 +23,7 @@ import torchvision.datasets as datasets
 import torchvision.transforms as transforms
 from PIL import Image, ImageFilter
 
+from .errors import UsageError
 # IMG_EXTENSIONS, DataError: importable from here as before
 from .imagelist import IMG_EXTENSIONS, DataError, ImageList, class_counts, find_images  # noqa: F401
 
@@ -152,7 +153,7 @@ def make_blur(blur, p=0.5):
     runs, or none (small images, where a sigma-2 blur wipes out a 32x32 crop; SimCLR's CIFAR
     setting). `none` is the PIL blur with probability 0: same random draws, image untouched."""
     if blur not in BLURS:
-        raise ValueError(f"--blur must be one of {', '.join(BLURS)}, got {blur!r}")
+        raise UsageError(f"--blur must be one of {', '.join(BLURS)}, got {blur!r}")
     if blur == "opencv":
         return KernelGaussianBlur(p=p)
     return PILRandomGaussianBlur(p=p if blur == "pil" else 0.0)
@@ -199,16 +200,16 @@ def multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops
     on the device: `normalize_crops`); host_normalize=True ends with the original's ToTensor +
     Normalize on the host instead (float32; benchmarks and tests of the two paths)."""
     if not (len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)):
-        raise ValueError(
+        raise UsageError(
             "--size_crops, --nmb_crops, --min_scale_crops and --max_scale_crops must have the same "
             f"length, got {len(size_crops)}, {len(nmb_crops)}, {len(min_scale_crops)}, "
             f"{len(max_scale_crops)}")
     for lo, hi in zip(min_scale_crops, max_scale_crops):
         if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop scales must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
+            raise UsageError(f"crop scales must satisfy 0 < min <= max <= 1, got ({lo}, {hi})")
     blur_t = make_blur(blur)
     if augment not in ("fast", "pil"):
-        raise ValueError(f"--augment must be fast or pil, got {augment!r}")
+        raise UsageError(f"--augment must be fast or pil, got {augment!r}")
     if augment == "fast":
         from . import fastaugment
         if fastaugment.available():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 
 from . import fastaugment
+from .errors import UsageError
 from .multicropdataset import MEAN, STD, MultiCropDataset, make_blur, to_tensor
 
 logger = logging.getLogger()
@@ -52,7 +53,7 @@ class SimSiam(nn.Module):
         super().__init__()
         if getattr(backbone, "projection_head", None) is not None or \
                 getattr(backbone, "prototypes", None) is not None:
-            raise ValueError("SimSiam needs a bare backbone (output_dim=0, nmb_prototypes=0)")
+            raise UsageError("SimSiam needs a bare backbone (output_dim=0, nmb_prototypes=0)")
         self.backbone = backbone
         in_dim = backbone.num_features
         # the original's hidden width is the backbone's feature width (2048 for a ResNet-50)
@@ -122,7 +123,7 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
     commutes with per-pixel colour changes and a symmetric blur) but other views for a seed."""
     blur_t = make_blur(blur, p=0.5)
     if augment not in ("fast", "pil"):
-        raise ValueError(f"--augment must be fast or pil, got {augment!r}")
+        raise UsageError(f"--augment must be fast or pil, got {augment!r}")
     if augment == "fast":
         if fastaugment.available():
             fastaugment.warm_up()
