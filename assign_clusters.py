@@ -148,7 +148,7 @@ def main(args):
 
     # each rank assigns its shard; Sinkhorn and k-means sums run over all shards
     cluster, conf, K = assign(settings, net, prototypes, feats, local, args)
-    conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset), args)
+    conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset))
     sizes = torch.bincount(cluster, minlength=K)
     logger.info(f"{mode}: {len(dataset)} images in {int((sizes > 0).sum())} non-empty of {K} "
                 f"clusters (largest {int(sizes.max())}, smallest non-empty "

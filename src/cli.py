@@ -100,7 +100,9 @@ def add_distributed_args(parser):
     parser.add_argument("--rank", default=0, type=int,
                         help="rank of this process: set automatically from the launcher")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="this argument is not used and should be ignored")
+                        help="GPU of this process on its node, read only when no launcher set "
+                             "the environment (torchrun and Slurm give LOCAL_RANK / "
+                             "SLURM_LOCALID, which win)")
     parser.add_argument("--dist_timeout_min", default=30, type=float,
                         help="minutes a collective may wait before the job fails")
     parser.add_argument("--allow_batch_change", type=bool_flag, default=False,
@@ -136,7 +138,9 @@ def add_tf32_arg(parser):
 
 
 def add_run_args(parser):
-    """Loader workers, checkpoints, precision, device, SyncBN, output folder, seed."""
+    """The run flags of every pre-training: loader workers, checkpoint and log frequency,
+    precision (fp16/bf16, TF32, the non-finite step guard), device and memory format, SyncBN,
+    output folder, seed, resume, TensorBoard."""
     parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
     parser.add_argument("--checkpoint_freq", type=int, default=25,
                         help="Save the model periodically")

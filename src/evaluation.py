@@ -359,7 +359,7 @@ def extract_features(model, dataset, args, pool=True, batch_size=None, gather=Tr
         labels = [torch.zeros(0, dtype=torch.long)]
     features, labels = torch.cat(feats), torch.cat(labels).long()
     if gather:
-        features, labels = gather_shards(features, labels, len(dataset), args)
+        features, labels = gather_shards(features, labels, len(dataset))
     # NaN features (e.g. inf BatchNorm statistics) would still give an "accuracy"
     return check_finite_everywhere(features, "extracted features", local=not gather), labels
 
@@ -377,7 +377,7 @@ def check_finite_everywhere(features, what, local=False):
     return check_finite_features(features, what)
 
 
-def gather_shards(local_feats, local_labels, size, args):
+def gather_shards(local_feats, local_labels, size):
     """Undo ShardSampler: every rank gets [size, ...] with row i = sample i."""
     world = du.get_world_size()
     if world == 1:

@@ -99,12 +99,6 @@ def _walk(root):
     return groups, others
 
 
-def walk_images(folder):
-    """Sorted absolute paths of the images under `folder` (each real folder once)."""
-    groups, _ = _walk(folder)
-    return [p for top in sorted(groups) for p in groups[top]]
-
-
 def _ignored_text(others):
     return (f"{sum(others.values())} file(s) with other extensions: "
             + ", ".join(f"{e} x{n}" for e, n in others.most_common(6)))

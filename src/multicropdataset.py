@@ -14,7 +14,6 @@ resumed run (even mid-epoch) sees exactly the crops an uninterrupted run would h
 """
 import functools
 import logging
-import math
 from contextlib import nullcontext
 
 import torch
@@ -290,8 +289,3 @@ class SeededSampler(torch.utils.data.DistributedSampler):
 
     def __len__(self):
         return max(0, self.num_samples - self.start_iter * self.batch_size)
-
-
-def epoch_len(dataset_size, batch_size, world_size):
-    """Iterations per epoch with drop_last, as len(DataLoader) would report."""
-    return math.ceil(dataset_size / world_size) // batch_size
