@@ -7,9 +7,9 @@ from . import distributed as du
 from .engine import NonFiniteLossError
 from .errors import INPUT_ERRORS, UsageError
 from .monitor import CollapseError
-from .multicropdataset import BLURS
 from .preemption import INT_EXIT_CODE
 from .resnet50 import ARCHS
+from .transforms import BLURS
 from .utils import bool_flag
 
 

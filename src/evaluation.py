@@ -29,10 +29,11 @@ from .cli import add_tf32_arg
 from .engine import configure_backends
 from .errors import UsageError
 from .imagelist import DataError, ImageList, find_images, require_labels
-from .multicropdataset import MEAN, STD, SafeImageFolder
+from .multicropdataset import SafeImageFolder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
 from .tensorboard import TensorBoard
+from .transforms import MEAN, STD
 from .utils import AverageMeter, accuracy, bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
