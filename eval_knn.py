@@ -13,7 +13,8 @@ from src.cli import add_distributed_args, run_main
 from src.errors import UsageError
 from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
                             build_eval_datasets, build_frozen_backbone, eval_transforms,
-                            extract_features, knn_classify, start_eval)
+                            extract_features, start_eval)
+from src.knn import knn_classify
 from src.utils import accuracy
 
 logger = logging.getLogger()
