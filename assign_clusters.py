@@ -18,6 +18,7 @@ from src.clusters import (MODES, FeatureProgress, ImageListDataset, assign_argma
                           contact_sheets, prototype_scores, prototype_weights, save_features,
                           write_assignments, write_json)
 from src.engine import job_image_list
+from src.errors import UsageError
 from src.evaluation import (ShardSampler, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, eval_transforms, extract_features, gather_shards,
                             start_eval)
@@ -74,15 +75,15 @@ def get_args_parser():
 def choose_mode(args, has_prototypes):
     """The clustering mode from --mode, --nmb_clusters and whether the file has prototypes."""
     if args.nmb_clusters and args.mode in ("argmax", "balanced"):
-        raise ValueError(f"--nmb_clusters {args.nmb_clusters} runs k-means, --mode {args.mode} "
+        raise UsageError(f"--nmb_clusters {args.nmb_clusters} runs k-means, --mode {args.mode} "
                          "uses the checkpoint's prototypes: give one of them")
     if args.mode in ("argmax", "balanced") and not has_prototypes:
-        raise ValueError(f"--mode {args.mode} needs prototypes, and --pretrained "
+        raise UsageError(f"--mode {args.mode} needs prototypes, and --pretrained "
                          f"{args.pretrained or '(none)'} has none (SimSiam, torchvision, a "
                          "backbone): use --mode kmeans --nmb_clusters K")
     mode = args.mode or ("argmax" if has_prototypes and not args.nmb_clusters else "kmeans")
     if mode == "kmeans" and not args.nmb_clusters and not has_prototypes:
-        raise ValueError(f"--pretrained {args.pretrained or '(none)'} has no prototypes: give "
+        raise UsageError(f"--pretrained {args.pretrained or '(none)'} has no prototypes: give "
                          "--nmb_clusters K for k-means")
     return mode
 
@@ -92,7 +93,7 @@ def mode_settings(args, mode, flags):
     saved flags), else the original's default."""
     if mode == "kmeans":
         if args.kmeans_iters < 0:
-            raise ValueError(f"--kmeans_iters must be >= 0, got {args.kmeans_iters}")
+            raise UsageError(f"--kmeans_iters must be >= 0, got {args.kmeans_iters}")
         return {"mode": mode, "kmeans_iters": args.kmeans_iters, "seed": args.seed}
     settings = {"mode": mode, "head": args.head}
     if mode == "argmax":
@@ -102,7 +103,7 @@ def mode_settings(args, mode, flags):
         given = getattr(args, name)
         settings[name] = given if given is not None else flags.get(name, default)
     if settings["epsilon"] <= 0 or settings["sinkhorn_iterations"] < 1:
-        raise ValueError("--epsilon must be > 0 and --sinkhorn_iterations >= 1")
+        raise UsageError("--epsilon must be > 0 and --sinkhorn_iterations >= 1")
     return settings
 
 
@@ -120,7 +121,7 @@ def assign(settings, net, prototypes, feats, local, args):
 
 def main(args):
     if args.images_per_sheet < 1 or args.thumb_size < 8 or args.batch_size < 1:
-        raise ValueError("--images_per_sheet and --batch_size must be >= 1, --thumb_size >= 8")
+        raise UsageError("--images_per_sheet and --batch_size must be >= 1, --thumb_size >= 8")
     _, stats, tb = start_eval(args, "assign_clusters", ("mode", "clusters", "nmi", "ari", "purity"))
     stats.truncate(0)  # one run per file
 
@@ -129,7 +130,7 @@ def main(args):
     _, transform = eval_transforms(args)
     dataset = ImageListDataset(images, transform)
     if len(dataset) < args.world_size:  # every rank needs a share (Sinkhorn takes a max of it)
-        raise ValueError(f"{len(dataset)} images for {args.world_size} processes: use fewer")
+        raise UsageError(f"{len(dataset)} images for {args.world_size} processes: use fewer")
 
     # network: backbone, and the projection head + prototypes when the file has them
     net, flags = build_network(args)
@@ -147,7 +148,7 @@ def main(args):
 
     # each rank assigns its shard; Sinkhorn and k-means sums run over all shards
     cluster, conf, K = assign(settings, net, prototypes, feats, local, args)
-    conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset), args)
+    conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset))
     sizes = torch.bincount(cluster, minlength=K)
     logger.info(f"{mode}: {len(dataset)} images in {int((sizes > 0).sum())} non-empty of {K} "
                 f"clusters (largest {int(sizes.max())}, smallest non-empty "

@@ -10,9 +10,11 @@ import argparse
 import logging
 
 from src.cli import add_distributed_args, run_main
+from src.errors import UsageError
 from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
                             build_eval_datasets, build_frozen_backbone, eval_transforms,
-                            extract_features, knn_classify, start_eval)
+                            extract_features, start_eval)
+from src.knn import knn_classify
 from src.utils import accuracy
 
 logger = logging.getLogger()
@@ -41,7 +43,7 @@ def get_args_parser():
 
 def main(args):
     if args.temperature <= 0 or min(args.nb_knn) < 1:
-        raise ValueError("--temperature must be > 0 and --nb_knn >= 1")
+        raise UsageError("--temperature must be > 0 and --nb_knn >= 1")
     paths, stats, tb = start_eval(args, "eval_knn", ("k", "temperature", "top1", "top5"))
     stats.truncate(0)  # one run per file: this run's results only
 

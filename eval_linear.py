@@ -12,10 +12,12 @@ import logging
 import os
 
 import torch
+import torch.nn as nn
 
 from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
-from src.evaluation import (PIXELS, RegLog, add_eval_data_args, add_eval_model_args,
+from src.errors import UsageError
+from src.evaluation import (PIXELS, add_eval_data_args, add_eval_model_args,
                             add_eval_run_args, build_eval_datasets, build_frozen_backbone,
                             eval_scaler, eval_transforms, extract_features, fit, frozen_forward,
                             shard_loader, start_eval, tensor_loaders)
@@ -76,6 +78,54 @@ def get_args_parser():
     return parser
 
 
+class RegLog(nn.Module):
+    """Logistic regression on frozen features, as the original's RegLog (same layers and init).
+
+    global_avg: AdaptiveAvgPool2d(1) -> Linear(features -> labels) (features: 2048 x widen, or
+    the backbone's `num_features`). Otherwise (resnet50 only, 7x7 maps): AvgPool2d(6, stride 1)
+    -> 2x2x2048 = 8192 values -> optional BatchNorm2d(2048) before pooling's flatten -> Linear.
+    As in the original, `use_bn` only applies without global pooling. Weights N(0, 0.01), bias 0.
+    With global pooling it also takes already pooled features [N, D] (--cache_features).
+    """
+
+    WIDTHS = {"resnet50": 2048, "resnet50w2": 4096, "resnet50w4": 8192, "resnet50w5": 10240,
+              "resnet18": 512, "resnet34": 512}
+
+    def __init__(self, num_labels, arch="resnet50", global_avg=False, use_bn=True,
+                 num_features=None):
+        super().__init__()
+        self.bn = None
+        if global_avg:
+            if num_features is None:
+                if arch not in self.WIDTHS:
+                    raise UsageError(f"RegLog: unknown arch {arch!r}: give num_features")
+                num_features = self.WIDTHS[arch]
+            s = num_features
+            self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
+        else:
+            if arch != "resnet50":
+                raise UsageError(f"--global_pooling false is only defined for resnet50 "
+                                 f"(2048 x 7 x 7 maps), not {arch}")
+            s = 8192
+            self.av_pool = nn.AvgPool2d(6, stride=1)
+            if use_bn:
+                self.bn = nn.BatchNorm2d(2048)
+        self.linear = nn.Linear(s, num_labels)
+        self.linear.weight.data.normal_(mean=0.0, std=0.01)
+        self.linear.bias.data.zero_()
+
+    def forward(self, x):
+        # average pool the final feature map (features cached already pooled are [N, D])
+        if x.dim() == 4:
+            x = self.av_pool(x)
+        # optional BN
+        if self.bn is not None:
+            x = self.bn(x)
+        # flatten (reshape: the pooled map is not always contiguous)
+        x = x.reshape(x.size(0), -1)
+        return self.linear(x)
+
+
 def build_scheduler(optimizer, args):
     if args.scheduler_type == "step":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
@@ -93,7 +143,7 @@ def main(args):
     # build the frozen backbone and the linear classifier
     model = build_frozen_backbone(args, args.center_crop if args.cache_features else args.train_crop)
     if args.arch == PIXELS and not args.cache_features and args.train_crop != args.center_crop:
-        raise ValueError("--arch pixels needs --train_crop equal to --center_crop")
+        raise UsageError("--arch pixels needs --train_crop equal to --center_crop")
     linear_classifier = RegLog(num_labels, args.arch, args.global_pooling, args.use_bn,
                                num_features=model.num_features)
     linear_classifier = prepare_model(linear_classifier, args)

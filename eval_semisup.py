@@ -19,9 +19,9 @@ from src.cli import add_distributed_args, run_main
 from src.engine import build_loader, prepare_model
 from src.evaluation import (add_eval_data_args, add_eval_model_args, add_eval_run_args,
                             build_eval_datasets, eval_scaler, eval_transforms, fit,
-                            forward_autocast, load_backbone_weights, read_subset_file,
-                            shard_loader, start_eval, stratified_subset)
+                            forward_autocast, load_backbone_weights, shard_loader, start_eval)
 from src.resnet50 import build_backbone
+from src.subsets import read_subset_file, stratified_subset
 
 logger = logging.getLogger()
 

@@ -38,7 +38,7 @@ dependencies = ["torch", "torchvision"]
 
 
 def _import_src():
-    """This checkout's src.resnet50 and src.pretrained, even when another package named `src`
+    """This checkout's src.resnet50, src.pretrained and src.errors, even when another package named `src`
     was imported first (a common name: torch.hub would otherwise pick that one up)."""
     here = os.path.dirname(os.path.abspath(__file__))
     ours = os.path.join(here, "src")
@@ -56,22 +56,23 @@ def _import_src():
         if here not in sys.path:
             sys.path.insert(0, here)
     return (importlib.import_module(f"{name}.resnet50"),
-            importlib.import_module(f"{name}.pretrained"))
+            importlib.import_module(f"{name}.pretrained"),
+            importlib.import_module(f"{name}.errors"))
 
 
-_models, _pretrained = _import_src()
+_models, _pretrained, _errors = _import_src()
 
 
 def _build(release_name, pretrained=True, classifier=False, weights=None, progress=True,
            **kwargs):
     release = _pretrained.RELEASES[release_name]
     if weights is not None and not pretrained:
-        raise ValueError("weights= was given with pretrained=False: drop one of them")
+        raise _errors.UsageError("weights= was given with pretrained=False: drop one of them")
     heads = False
     if release.arch == "resnet50":
         num_classes = kwargs.pop("num_classes", None)
         if num_classes is not None and classifier:
-            raise ValueError("num_classes= (a new random fc) and classifier= exclude each other")
+            raise _errors.UsageError("num_classes= (a new random fc) and classifier= exclude each other")
         model = _torchvision.models.resnet50(weights=None, **kwargs)
         model.fc = _nn.Identity() if num_classes is None else _nn.Linear(2048, num_classes)
         num_features = 2048
@@ -85,7 +86,7 @@ def _build(release_name, pretrained=True, classifier=False, weights=None, progre
     if classifier:
         if classifier is True:
             if release.linear is None:
-                raise ValueError(
+                raise _errors.UsageError(
                     f"no linear classifier was released for {release_name} (only for "
                     "swav_800ep / resnet50); pass classifier='path or URL' of your own "
                     "(eval_linear.py's checkpoint)")
@@ -95,7 +96,7 @@ def _build(release_name, pretrained=True, classifier=False, weights=None, progre
         if release.arch == "resnet50":
             model.fc = fc
         elif heads:
-            raise ValueError("classifier= cannot be combined with a projection head "
+            raise _errors.UsageError("classifier= cannot be combined with a projection head "
                              "(output_dim/hidden_mlp/nmb_prototypes)")
         else:
             model.projection_head = fc  # our ResNet applies it to the pooled features

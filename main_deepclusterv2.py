@@ -16,6 +16,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
                         run_epochs, set_lr, to_device, truncate_stats)
+from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
@@ -81,13 +82,13 @@ def check_args(args):
     """One-line errors for inconsistent flags, before any work."""
     check_crops_for_assign(args)
     if not args.nmb_prototypes or min(args.nmb_prototypes) < 1:
-        raise ValueError(f"--nmb_prototypes must be >= 1 each, got {args.nmb_prototypes}")
+        raise UsageError(f"--nmb_prototypes must be >= 1 each, got {args.nmb_prototypes}")
     if args.feat_dim < 1:
-        raise ValueError(f"--feat_dim must be >= 1, got {args.feat_dim}")
+        raise UsageError(f"--feat_dim must be >= 1, got {args.feat_dim}")
     if args.temperature <= 0:
-        raise ValueError(f"--temperature must be > 0, got {args.temperature}")
+        raise UsageError(f"--temperature must be > 0, got {args.temperature}")
     if args.nmb_kmeans_iters < 0:
-        raise ValueError(f"--nmb_kmeans_iters must be >= 0, got {args.nmb_kmeans_iters}")
+        raise UsageError(f"--nmb_kmeans_iters must be >= 0, got {args.nmb_kmeans_iters}")
     check_data_path(args.data_path)
 
 
@@ -95,7 +96,7 @@ def check_memory_size(args, niter_per_ep):
     """k-means draws its K initial centroids from one process's memory bank."""
     size_memory_per_process = niter_per_ep * args.batch_size
     if size_memory_per_process < max(args.nmb_prototypes):
-        raise ValueError(
+        raise UsageError(
             f"--nmb_prototypes {max(args.nmb_prototypes)} is more than the {size_memory_per_process} "
             f"samples each process holds in its memory bank ({niter_per_ep} batches of "
             f"{args.batch_size}): lower --nmb_prototypes, or use more data or fewer processes")

@@ -12,6 +12,7 @@ from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_m
 from src.engine import (EpochProgress, backward_and_step, build_train_data, end_epoch,
                         forward_context, prepare_model, resume_training_state, run_epochs,
                         set_lr, setup_precision, to_device, truncate_stats)
+from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.multicropdataset import BLURS
 from src.resnet50 import build_backbone
@@ -85,13 +86,13 @@ def check_args(args):
     """One-line errors for inconsistent flags, before any work."""
     for name in ("dim", "pred_dim", "epochs", "batch_size"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+            raise UsageError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if args.proj_hidden_dim < 0:
-        raise ValueError(f"--proj_hidden_dim must be >= 0, got {args.proj_hidden_dim}")
+        raise UsageError(f"--proj_hidden_dim must be >= 0, got {args.proj_hidden_dim}")
     if args.base_lr <= 0:
-        raise ValueError(f"--base_lr must be > 0, got {args.base_lr}")
+        raise UsageError(f"--base_lr must be > 0, got {args.base_lr}")
     if not 0 < args.min_scale_crop <= args.max_scale_crop <= 1:
-        raise ValueError("crop scales must satisfy 0 < --min_scale_crop <= --max_scale_crop <= 1, "
+        raise UsageError("crop scales must satisfy 0 < --min_scale_crop <= --max_scale_crop <= 1, "
                          f"got ({args.min_scale_crop}, {args.max_scale_crop})")
     check_data_path(args.data_path)
 

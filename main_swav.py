@@ -17,6 +17,7 @@ from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_arg
 from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
                         end_epoch, forward_context, gather_to_rank0, resume_training_state,
                         run_epochs, set_lr, to_device, truncate_stats)
+from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
@@ -79,13 +80,13 @@ def check_args(args):
     """One-line errors for inconsistent flags, before any work."""
     ncrops = check_crops_for_assign(args)
     if ncrops < 2:
-        raise ValueError("SwAV needs at least 2 crops (--nmb_crops)")
+        raise UsageError("SwAV needs at least 2 crops (--nmb_crops)")
     if args.nmb_prototypes < 1:
-        raise ValueError(f"--nmb_prototypes must be >= 1, got {args.nmb_prototypes}")
+        raise UsageError(f"--nmb_prototypes must be >= 1, got {args.nmb_prototypes}")
     if args.feat_dim < 1:
-        raise ValueError(f"--feat_dim must be >= 1, got {args.feat_dim}")
+        raise UsageError(f"--feat_dim must be >= 1, got {args.feat_dim}")
     if args.epsilon <= 0 or args.temperature <= 0:
-        raise ValueError("--epsilon and --temperature must be > 0")
+        raise UsageError("--epsilon and --temperature must be > 0")
     check_data_path(args.data_path)
 
 
@@ -210,7 +211,7 @@ def main(args):
     du.init_distributed_mode(args)
     global_batch = args.batch_size * args.world_size
     if 0 < args.queue_length < global_batch:
-        raise ValueError(f"--queue_length {args.queue_length} is smaller than the global batch "
+        raise UsageError(f"--queue_length {args.queue_length} is smaller than the global batch "
                          f"{global_batch} (--batch_size x processes): the queue would be empty")
     # the queue length rounded down to a multiple of the global batch, as the original
     args.queue_length -= args.queue_length % global_batch

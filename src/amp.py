@@ -11,6 +11,8 @@ from contextlib import nullcontext
 
 import torch
 
+from .errors import UsageError
+
 logger = logging.getLogger()
 
 AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16,
@@ -43,13 +45,13 @@ def resolve_amp(use_fp16, amp_dtype="auto", device="cpu"):
         return None, False, "mixed precision off (--use_fp16 false)"
     requested = AMP_DTYPES.get(str(amp_dtype).lower(), "invalid")
     if requested == "invalid":
-        raise ValueError(f"--amp_dtype must be auto, float16 or bfloat16, got {amp_dtype!r}")
+        raise UsageError(f"--amp_dtype must be auto, float16 or bfloat16, got {amp_dtype!r}")
     if device.type == "cuda":
         dtype = requested or torch.float16
         return dtype, dtype == torch.float16, f"{dtype} autocast on CUDA"
     if device.type == "cpu":
         if requested == torch.float16:
-            raise ValueError("--amp_dtype float16 is not supported on the CPU; use bfloat16")
+            raise UsageError("--amp_dtype float16 is not supported on the CPU; use bfloat16")
         if requested == torch.bfloat16 or cpu_has_native_bf16():
             why = "" if cpu_has_native_bf16() else " (asked for; this CPU has no native bf16: slow)"
             return torch.bfloat16, False, "bfloat16 autocast on the CPU" + why

@@ -18,11 +18,9 @@ import shutil
 import numpy as np
 import torch
 
+from .errors import CheckpointError
+
 logger = logging.getLogger()
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint or weights file that cannot be used; the message names file and problem."""
 
 
 class NonFiniteStateError(CheckpointError):

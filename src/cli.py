@@ -4,22 +4,24 @@ original's main_swav.py), so each main declares only its own method's flags, and
 import sys
 
 from . import distributed as du
-from .checkpoint import CheckpointError
 from .engine import NonFiniteLossError
+from .errors import INPUT_ERRORS, UsageError
 from .monitor import CollapseError
-from .multicropdataset import BLURS, DataError
 from .preemption import INT_EXIT_CODE
 from .resnet50 import ARCHS
+from .transforms import BLURS
 from .utils import bool_flag
 
 
 def run_main(main, parser):
-    """Parse, run `main(args)`; bad input ends with a one-line `error: ...` (exit status 1)."""
+    """Parse, run `main(args)`. Bad input (src/errors.py: UsageError, DataError,
+    CheckpointError) and a run stopped on purpose (non-finite loss, collapse) end with a one-line
+    `error: ...` (exit status 1); any other exception is a bug and keeps its traceback."""
     args = parser.parse_args()
     try:
         check_shared_args(args)
         return main(args)
-    except (DataError, CheckpointError, ValueError, NonFiniteLossError, CollapseError) as e:
+    except (*INPUT_ERRORS, NonFiniteLossError, CollapseError) as e:
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:  # Ctrl-C outside the training loop (src/preemption.py: inside)
         print(f"interrupted (Ctrl-C): no checkpoint written now; {args.dump_path} keeps the "
@@ -38,7 +40,7 @@ def run_main(main, parser):
 def check_shared_args(args):
     """One-line errors for the flags every entry point shares, before any work."""
     if getattr(args, "width", 0) < 0:  # 0 is the arch's default; a negative one fails in a conv
-        raise ValueError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
+        raise UsageError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
                          f"{args.width}")
 
 
@@ -85,7 +87,7 @@ def check_crops_for_assign(args):
     """--crops_for_assign must name existing crops (ids 0 .. total crops - 1)."""
     ncrops = sum(args.nmb_crops)
     if not args.crops_for_assign or any(c < 0 or c >= ncrops for c in args.crops_for_assign):
-        raise ValueError(f"--crops_for_assign {args.crops_for_assign} out of range: there are "
+        raise UsageError(f"--crops_for_assign {args.crops_for_assign} out of range: there are "
                          f"{ncrops} crops (ids 0..{ncrops - 1})")
     return ncrops
 
@@ -98,7 +100,9 @@ def add_distributed_args(parser):
     parser.add_argument("--rank", default=0, type=int,
                         help="rank of this process: set automatically from the launcher")
     parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                        help="this argument is not used and should be ignored")
+                        help="GPU of this process on its node, read only when no launcher set "
+                             "the environment (torchrun and Slurm give LOCAL_RANK / "
+                             "SLURM_LOCALID, which win)")
     parser.add_argument("--dist_timeout_min", default=30, type=float,
                         help="minutes a collective may wait before the job fails")
     parser.add_argument("--allow_batch_change", type=bool_flag, default=False,
@@ -134,7 +138,9 @@ def add_tf32_arg(parser):
 
 
 def add_run_args(parser):
-    """Loader workers, checkpoints, precision, device, SyncBN, output folder, seed."""
+    """The run flags of every pre-training: loader workers, checkpoint and log frequency,
+    precision (fp16/bf16, TF32, the non-finite step guard), device and memory format, SyncBN,
+    output folder, seed, resume, TensorBoard."""
     parser.add_argument("--workers", default=10, type=int, help="number of data loading workers")
     parser.add_argument("--checkpoint_freq", type=int, default=25,
                         help="Save the model periodically")

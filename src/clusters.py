@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from . import distributed as du
 from .checkpoint import safe_load
+from .errors import UsageError
 from .imagelist import DataError
 from .kmeans import spherical_kmeans
 from .pretrained import extract_state_dict, load_pretrained, read_state_dict, resolve_weights
@@ -126,7 +127,7 @@ def prototype_weights(net, head):
     multi = isinstance(net.prototypes, MultiPrototypes)  # DeepCluster-v2: one per head
     n = net.prototypes.nmb_heads if multi else 1
     if not 0 <= head < n:
-        raise ValueError(f"--head {head} out of range: the checkpoint has {n} prototype "
+        raise UsageError(f"--head {head} out of range: the checkpoint has {n} prototype "
                          f"head(s) (0..{n - 1})")
     layer = getattr(net.prototypes, f"prototypes{head}") if multi else net.prototypes
     return F.normalize(layer.weight.float(), dim=1, p=2)
@@ -186,7 +187,7 @@ def assign_kmeans(all_feats, local_index, K, nmb_iters, seed, device):
     whole set drawn by a seeded generator, so any number of ranks starts from the same centroids
     (all ranks call)."""
     if not 1 <= K <= len(all_feats):
-        raise ValueError(f"--nmb_clusters {K}: k-means needs 1 <= K <= the {len(all_feats)} "
+        raise UsageError(f"--nmb_clusters {K}: k-means needs 1 <= K <= the {len(all_feats)} "
                          "images")
     feats = F.normalize(all_feats.float(), dim=1, p=2)
     init = feats[torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:K]]

@@ -12,6 +12,8 @@ import subprocess
 import torch
 import torch.distributed as dist
 
+from .errors import UsageError
+
 logger = logging.getLogger()
 
 
@@ -32,7 +34,7 @@ def _one_node_master_addr():
     nodes = os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
     if nodes == "1":
         return "127.0.0.1"
-    raise ValueError(f"cannot find the first node of the Slurm job ({nodes or 'an unknown number of'}"
+    raise UsageError(f"cannot find the first node of the Slurm job ({nodes or 'an unknown number of'}"
                      " nodes): `scontrol show hostnames` failed or is not on the PATH; set "
                      "MASTER_ADDR to the first node's host name")
 
@@ -56,7 +58,7 @@ def init_distributed_mode(args):
     want = getattr(args, "device", "auto") or "auto"
     use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available")
+        raise UsageError("--device cuda was asked for but CUDA is not available")
 
     if launcher == "none" or world_size == 1:
         args.rank, args.world_size = 0, 1
@@ -70,7 +72,7 @@ def init_distributed_mode(args):
         # it is cuda:0 whatever the local rank
         gpu = 0 if ngpus == 1 else local_rank
         if gpu >= ngpus:
-            raise ValueError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
+            raise UsageError(f"local rank {local_rank} has no GPU: this node has {ngpus} "
                              f"GPU(s); start at most {ngpus} tasks per node")
         args.gpu_to_work_on = gpu
         torch.cuda.set_device(gpu)
@@ -214,12 +216,12 @@ def convert_sync_batchnorm(model, args):
     if mode == "apex":
         size = args.syncbn_process_group_size
         if args.world_size % size:
-            raise ValueError(f"--syncbn_process_group_size {size} does not divide the world "
+            raise UsageError(f"--syncbn_process_group_size {size} does not divide the world "
                              f"size {args.world_size}")
         # every rank must create every group, in the same order
         groups = [dist.new_group(list(range(g * size, (g + 1) * size)))
                   for g in range(args.world_size // size)]
         process_group = groups[args.rank // size]
     elif mode != "pytorch":
-        raise ValueError(f"--sync_bn must be pytorch, apex or none, got {mode!r}")
+        raise UsageError(f"--sync_bn must be pytorch, apex or none, got {mode!r}")
     return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group)

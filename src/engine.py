@@ -18,6 +18,7 @@ from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume
                          checkpoint_candidates, get_rng_state, map_start_iter, model_state_dict,
                          remove_stale_tmp_files, restart_from_checkpoint, set_rng_state,
                          truncate_stats)  # noqa: F401 (the entry points import it from here)
+from .errors import UsageError
 from .imagelist import DataError, find_images, read_list_file, read_list_header
 from .lars import LARC
 from .multicropdataset import SeededSampler, normalize_crops
@@ -109,7 +110,7 @@ def build_loader(dataset, args, batch_size=None, seeded=True, drop_last=True):
         persistent_workers=args.workers > 0,
     )
     if len(loader) == 0:
-        raise ValueError(f"the dataset has {len(dataset)} images: fewer than one batch of "
+        raise UsageError(f"the dataset has {len(dataset)} images: fewer than one batch of "
                          f"{batch_size} per process x {args.world_size} processes "
                          "(lower --batch_size)")
     return loader
@@ -299,7 +300,7 @@ class NonFiniteGuard:
 
     def __init__(self, max_steps=20):
         if max_steps < 1:
-            raise ValueError(f"--max_nonfinite_steps must be >= 1, got {max_steps}")
+            raise UsageError(f"--max_nonfinite_steps must be >= 1, got {max_steps}")
         self.max_steps, self.consecutive, self.total = max_steps, 0, 0
 
     def record(self, skipped, iteration, loss, scale):

@@ -7,8 +7,12 @@
 - sharded validation and feature extraction where each image is counted exactly once, metrics
   all-reduced and features gathered across ranks;
 - one supervised training epoch (cross-entropy, top-1/top-5) used by the linear probe and the
-  fine-tuning, and the weighted k-NN classifier;
+  fine-tuning;
 - the evaluations' own checkpoint/stats names, so they can share a pre-training dump_path.
+
+What one evaluation alone uses lives beside it: the linear head RegLog in eval_linear.py, the
+k-NN classifier in src/knn.py, the labelled subsets in src/subsets.py (those two importable from
+here as before).
 """
 import logging
 import os
@@ -27,11 +31,15 @@ from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, chec
                          truncate_stats)
 from .cli import add_tf32_arg
 from .engine import configure_backends
+from .errors import UsageError
 from .imagelist import DataError, ImageList, find_images, require_labels
-from .multicropdataset import MEAN, STD, SafeImageFolder
+from .knn import knn_classify, merge_topk  # noqa: F401  (the old import path)
+from .multicropdataset import SafeImageFolder
 from .pretrained import load_pretrained
 from .resnet50 import ARCHS, build_backbone
+from .subsets import read_subset_file, stratified_subset  # noqa: F401  (the old import path)
 from .tensorboard import TensorBoard
+from .transforms import MEAN, STD
 from .utils import AverageMeter, accuracy, bool_flag, fix_random_seeds, initialize_exp
 
 logger = logging.getLogger()
@@ -96,7 +104,7 @@ def eval_transforms(args):
     train = None
     if hasattr(args, "train_crop"):
         if not 0 < args.train_min_scale <= 1:
-            raise ValueError(f"--train_min_scale must be in (0, 1], got {args.train_min_scale}")
+            raise UsageError(f"--train_min_scale must be in (0, 1], got {args.train_min_scale}")
         train = transforms.Compose([
             transforms.RandomResizedCrop(args.train_crop, scale=(args.train_min_scale, 1.0)),
             transforms.RandomHorizontalFlip(),
@@ -104,7 +112,7 @@ def eval_transforms(args):
             normalize,
         ])
     if args.center_crop > args.resize:
-        raise ValueError(f"--center_crop {args.center_crop} is larger than --resize {args.resize}")
+        raise UsageError(f"--center_crop {args.center_crop} is larger than --resize {args.resize}")
     val = transforms.Compose([
         transforms.Resize(args.resize),
         transforms.CenterCrop(args.center_crop),
@@ -221,7 +229,7 @@ def tensor_loaders(train, val, args):
                                                   rank=args.rank, shuffle=True, seed=args.seed)
     train_loader = TensorLoader(train, sampler, args.batch_size)
     if len(train_loader) == 0:
-        raise ValueError("no training images")
+        raise UsageError("no training images")
     val_loader = TensorLoader(val, ShardSampler(len(val[0])), args.batch_size)
     return train_loader, val_loader
 
@@ -260,7 +268,7 @@ def build_frozen_backbone(args, image_size):
     --pretrained loaded, or PixelFeatures. `num_features` gives the channel count."""
     if args.arch == PIXELS:
         if args.pretrained:
-            raise ValueError("--arch pixels takes no --pretrained weights")
+            raise UsageError("--arch pixels takes no --pretrained weights")
         model = PixelFeatures(3 * image_size * image_size)
     else:
         model = build_backbone(args.arch, output_dim=0, eval_mode=True,
@@ -289,54 +297,6 @@ def frozen_forward(model, inp, args):
         return forward_autocast(model, inp, args).float()
 
 
-class RegLog(nn.Module):
-    """Logistic regression on frozen features, as the original's eval_linear.RegLog.
-
-    global_avg: AdaptiveAvgPool2d(1) -> Linear(features -> labels) (features: 2048 x widen, or
-    the backbone's `num_features`). Otherwise (resnet50 only, 7x7 maps): AvgPool2d(6, stride 1)
-    -> 2x2x2048 = 8192 values -> optional BatchNorm2d(2048) before pooling's flatten -> Linear.
-    As in the original, `use_bn` only applies without global pooling. Weights N(0, 0.01), bias 0.
-    With global pooling it also takes already pooled features [N, D] (--cache_features).
-    """
-
-    WIDTHS = {"resnet50": 2048, "resnet50w2": 4096, "resnet50w4": 8192, "resnet50w5": 10240,
-              "resnet18": 512, "resnet34": 512}
-
-    def __init__(self, num_labels, arch="resnet50", global_avg=False, use_bn=True,
-                 num_features=None):
-        super().__init__()
-        self.bn = None
-        if global_avg:
-            if num_features is None:
-                if arch not in self.WIDTHS:
-                    raise ValueError(f"RegLog: unknown arch {arch!r}: give num_features")
-                num_features = self.WIDTHS[arch]
-            s = num_features
-            self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
-        else:
-            if arch != "resnet50":
-                raise ValueError(f"--global_pooling false is only defined for resnet50 "
-                                 f"(2048 x 7 x 7 maps), not {arch}")
-            s = 8192
-            self.av_pool = nn.AvgPool2d(6, stride=1)
-            if use_bn:
-                self.bn = nn.BatchNorm2d(2048)
-        self.linear = nn.Linear(s, num_labels)
-        self.linear.weight.data.normal_(mean=0.0, std=0.01)
-        self.linear.bias.data.zero_()
-
-    def forward(self, x):
-        # average pool the final feature map (features cached already pooled are [N, D])
-        if x.dim() == 4:
-            x = self.av_pool(x)
-        # optional BN
-        if self.bn is not None:
-            x = self.bn(x)
-        # flatten (reshape: the pooled map is not always contiguous)
-        x = x.reshape(x.size(0), -1)
-        return self.linear(x)
-
-
 # ----------------------------------------------------------------------------- features
 @torch.no_grad()
 def extract_features(model, dataset, args, pool=True, batch_size=None, gather=True):
@@ -358,7 +318,7 @@ def extract_features(model, dataset, args, pool=True, batch_size=None, gather=Tr
         labels = [torch.zeros(0, dtype=torch.long)]
     features, labels = torch.cat(feats), torch.cat(labels).long()
     if gather:
-        features, labels = gather_shards(features, labels, len(dataset), args)
+        features, labels = gather_shards(features, labels, len(dataset))
     # NaN features (e.g. inf BatchNorm statistics) would still give an "accuracy"
     return check_finite_everywhere(features, "extracted features", local=not gather), labels
 
@@ -376,7 +336,7 @@ def check_finite_everywhere(features, what, local=False):
     return check_finite_features(features, what)
 
 
-def gather_shards(local_feats, local_labels, size, args):
+def gather_shards(local_feats, local_labels, size):
     """Undo ShardSampler: every rank gets [size, ...] with row i = sample i."""
     world = du.get_world_size()
     if world == 1:
@@ -392,57 +352,6 @@ def gather_shards(local_feats, local_labels, size, args):
         feats[r::world] = fr[:n]
         labels[r::world] = yr[:n]
     return feats, labels
-
-
-@torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, num_classes, k=20, temperature=0.07,
-                 batch_size=256):
-    """Weighted k-NN (Wu et al. 2018, DINO's knn_classifier): cosine similarity to the
-    L2-normalised train features, the k nearest vote for their class with weight exp(sim / T).
-
-    Distributed, `train_features` / `train_labels` are this rank's shard of the bank (any split;
-    none replicated) and every rank passes the same `test_features`: each chunk of
-    `batch_size` queries is scored on the bank's device against the local shard, and only the
-    local top-k (similarities, labels) of every rank are all-gathered and merged into the
-    global top-k. In one process this is DINO's computation as it was (one `topk` over the
-    whole bank; which of several equal similarities at the k-th place is kept is topk's choice,
-    unspecified, as in DINO). Returns class scores [n_test, num_classes] (argmax = prediction)
-    on test_features' device, the same on every rank."""
-    device = train_features.device
-    train_features = F.normalize(train_features.float(), dim=1)
-    train_labels = train_labels.to(device)
-    n_train = train_features.shape[0]
-    world = du.get_world_size()
-    if world > 1:
-        n_train = int(du.all_reduce(torch.tensor([n_train])).item())
-    k = min(k, n_train)
-    scores = []
-    for start in range(0, test_features.shape[0], batch_size):
-        queries = F.normalize(test_features[start:start + batch_size].to(device).float(), dim=1)
-        sim = queries @ train_features.t()
-        top_sim, top_idx = sim.topk(min(k, sim.shape[1]), dim=1)
-        top_labels = train_labels[top_idx]
-        if world > 1:
-            top_sim, top_labels = merge_topk(top_sim, top_labels, k)
-        weights = (top_sim / temperature).exp()
-        votes = torch.zeros(sim.shape[0], num_classes, dtype=weights.dtype, device=device)
-        votes.scatter_add_(1, top_labels, weights)
-        scores.append(votes.to(test_features.device))
-    return (torch.cat(scores) if scores else
-            torch.zeros(0, num_classes, device=test_features.device))
-
-
-def merge_topk(values, labels, k):
-    """The k largest `values` per row over every rank's candidates, with their `labels` (all
-    ranks call; a rank with fewer than k candidates pads with -inf, never chosen)."""
-    pad = k - values.shape[1]
-    if pad > 0:
-        values = torch.cat([values, values.new_full((values.shape[0], pad), float("-inf"))], 1)
-        labels = torch.cat([labels, labels.new_zeros((labels.shape[0], pad))], 1)
-    values = torch.cat(du.all_gather(values), dim=1)  # [queries, world_size * k], rank order
-    labels = torch.cat(du.all_gather(labels), dim=1)
-    top, pos = values.topk(k, dim=1)
-    return top, labels.gather(1, pos)
 
 
 # ----------------------------------------------------------------------------- train / validate
@@ -605,51 +514,3 @@ def fit(name, forward, module, loaders, optimizer, scheduler, scaler, training_s
     return {"top1": float(last["prec1_val"]) if last is not None else 0.0,
             "top5": float(last["prec5_val"]) if last is not None else 0.0,
             "best_top1": best_acc[0], "best_top5": best_acc[1]}
-
-
-# ----------------------------------------------------------------------------- labelled subsets
-def read_subset_file(path, train_root, class_to_idx):
-    """Samples named by a subset file: one image per line, a path relative to train/
-    (`class/img.jpg`), or, as SimCLR's ImageNet lists, a bare file name whose class folder is
-    the prefix before the first `_` (`n01440764_10026.JPEG`)."""
-    if not os.path.isfile(path):
-        raise DataError(f"--subset_file {path}: no such file")
-    with open(path) as f:
-        names = [line.strip() for line in f if line.strip()]
-    if not names:
-        raise DataError(f"--subset_file {path} is empty")
-    samples, missing = [], []
-    for name in names:
-        rel = name if "/" in name else os.path.join(name.split("_")[0], name)
-        cls = rel.split("/")[0]
-        full = os.path.join(train_root, rel)
-        if cls not in class_to_idx or not os.path.isfile(full):
-            missing.append(rel)
-            continue
-        samples.append((full, class_to_idx[cls]))
-    if missing:
-        raise DataError(f"--subset_file {path}: {len(missing)} of {len(names)} files are not in "
-                        f"{train_root} (first: {missing[0]})")
-    return samples
-
-
-def stratified_subset(samples, labels_perc, seed, classes=None):
-    """`labels_perc` % of each class's samples (rounded), drawn by a seeded RNG: deterministic,
-    in the original sample order. A class left with no image is an error."""
-    if not 0 < labels_perc <= 100:
-        raise ValueError(f"--labels_perc must be in (0, 100], got {labels_perc}")
-    by_class = {}
-    for i, (_, target) in enumerate(samples):
-        by_class.setdefault(target, []).append(i)
-    generator = torch.Generator().manual_seed(seed)
-    keep = []
-    for target in sorted(by_class):
-        idx = by_class[target]
-        n = int(len(idx) * labels_perc / 100 + 0.5)
-        if n == 0:
-            name = classes[target] if classes else target
-            raise DataError(f"--labels_perc {labels_perc} leaves class {name!r} "
-                            f"({len(idx)} images) without any labelled image")
-        perm = torch.randperm(len(idx), generator=generator)[:n]
-        keep.extend(idx[j] for j in perm.tolist())
-    return [samples[i] for i in sorted(keep)]

@@ -1,6 +1,6 @@
 """Fast multi-crop augmentation: the original's transforms, random draws and pixels, in less time.
 
-`FastCropTransform` replaces one crop's torchvision pipeline of `multicropdataset.multicrop_transforms`
+`FastCropTransform` replaces one crop's torchvision pipeline of `transforms.multicrop_transforms`
 (RandomResizedCrop -> flip -> ColorJitter(0.8, 0.8, 0.8, 0.2) with p 0.8 -> grayscale p 0.2 -> blur
 -> ToTensor -> Normalize). It draws the same random numbers from torch's RNG in the same order
 (torchvision's own `get_params`), so under a given seed it picks the same crop, flip, jitter
@@ -12,17 +12,18 @@ goes instead:
   operation and its RGB <-> HSV conversions for the hue shift are slow;
 - the flip happens in the copy that takes the crop out of PIL, and the crop leaves as uint8
   channel planes in one pass (the training feed: normalised on the device, see
-  multicropdataset.normalize_crops); with mean/std given, ToTensor + Normalize are done on the
+  transforms.normalize_crops); with mean/std given, ToTensor + Normalize are done on the
   host instead, in one pass through a per-channel 256-entry table that holds exactly the float32
   values those two transforms compute.
-Without numba, `available()` is False and the dataset keeps the PIL pipeline.
+Without numba, `available()` is False and the dataset keeps the PIL pipeline. This module
+imports nothing of the project's: src/transforms.py builds it and hands it the blur.
 """
 import math
 
 import numpy as np
 import torch
 import torchvision.transforms as T
-from PIL import Image, ImageFilter
+from PIL import Image
 
 try:
     import numba
@@ -280,8 +281,6 @@ class FastCropTransform:
         self.jitter = T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
         self.p_jitter, self.p_gray, self.p_flip = p_jitter, p_gray, p_flip
         self.blur = blur
-        from .multicropdataset import PILRandomGaussianBlur  # here: that module imports this one
-        self._pil_blur = type(blur) is PILRandomGaussianBlur
         self.lut = None if mean is None else normalize_table(mean, std)
         self._no_jitter, self._no_factors = np.zeros(0, np.int64), np.ones(3, np.float32)
 
@@ -319,19 +318,21 @@ class FastCropTransform:
         colour_(words.reshape(-1), order, factors, shift, gray)
 
     def blur_words(self, words):
-        """The blur on a PIL image of the crop. For the default blur (PILRandomGaussianBlur) the
-        coin and radius are drawn here as its __call__ draws them (so the crops left unblurred
-        skip the PIL image); any other blur callable gets a PIL image and draws its own."""
-        if self._pil_blur:
-            b = self.blur
-            if torch.rand(()).item() >= b.prob:
-                return words
-            radius = b.radius_min + (b.radius_max - b.radius_min) * torch.rand(()).item()
-            blurred = to_image(words).filter(ImageFilter.GaussianBlur(radius=radius))
-            return to_words(blurred, writable=False)
-        pil = to_image(words).convert("RGB")
-        blurred = self.blur(pil)
-        return words if blurred is pil else to_words(blurred, writable=False)
+        """The blur on a PIL image of the crop. A blur of src/transforms.py draws its coin and
+        strength through its own `draw` (the same draws as its __call__), so the crops left
+        unblurred skip the PIL image, and one that takes RGBX (`rgbx`) skips the RGB copy; any
+        other blur callable gets an RGB PIL image and draws its own."""
+        draw = getattr(self.blur, "draw", None)
+        if draw is None:
+            pil = to_image(words).convert("RGB")
+            blurred = self.blur(pil)
+            return words if blurred is pil else to_words(blurred, writable=False)
+        strength = draw()
+        if strength is None:
+            return words
+        image = to_image(words)
+        blurred = self.blur.apply(image if self.blur.rgbx else image.convert("RGB"), strength)
+        return to_words(blurred, writable=False)
 
     def to_tensor(self, words):
         """uint8 3 x H x W (PILToTensor), or float32 ToTensor + Normalize with mean/std."""

@@ -19,24 +19,12 @@ from dataclasses import dataclass
 
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .errors import DataError
+
 logger = logging.getLogger()
 
 LIST_HEADER = "# image list"
 BAD_NAME = "(tab or newline in the name)"  # a list file could not hold it
-
-
-class DataError(ValueError):
-    """Unusable data: the message names the path and the problem."""
-
-    def __str__(self):
-        # raised in a DataLoader worker, it is re-raised in the main process with the message
-        # "Caught DataError in DataLoader worker process N.\nOriginal Traceback ...": keep the
-        # one-line message it ends with
-        text = super().__str__()
-        if "Original Traceback" in text:
-            last = text.rstrip().splitlines()[-1]
-            return last.split("DataError: ", 1)[-1]
-        return text
 
 
 @dataclass
@@ -109,12 +97,6 @@ def _walk(root):
     for top, dirpath, images in sorted(found, key=lambda t: (t[0], t[1])):  # torchvision's order
         groups.setdefault(top, []).extend(os.path.join(dirpath, f) for f in images)
     return groups, others
-
-
-def walk_images(folder):
-    """Sorted absolute paths of the images under `folder` (each real folder once)."""
-    groups, _ = _walk(folder)
-    return [p for top in sorted(groups) for p in groups[top]]
 
 
 def _ignored_text(others):

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed as du
+from .errors import UsageError
 
 # scores computed per E-step chunk: on a CPU 1M floats (4 MB, stays in cache: ~1.5x faster than
 # 16 MB chunks and 3-5x faster than the full matrix); on a GPU 64M floats (256 MB, few launches)
@@ -26,7 +27,7 @@ def init_centroids(embeddings, K):
     """K rows of rank 0's embeddings drawn with the global torch RNG (only rank 0 consumes it),
     broadcast to every rank."""
     if len(embeddings) < K:
-        raise ValueError(f"k-means with {K} clusters needs at least {K} samples per process, this "
+        raise UsageError(f"k-means with {K} clusters needs at least {K} samples per process, this "
                          f"one holds {len(embeddings)} (lower --nmb_prototypes or use more data)")
     if du.get_rank() == 0:
         centroids = embeddings[torch.randperm(len(embeddings))[:K]]

@@ -22,6 +22,8 @@ import os
 import socket
 import sys
 
+from .errors import UsageError
+
 logger = logging.getLogger()
 
 PRETRAINING_LOCK = ".lock"  # SwAV, DeepCluster-v2 and SimSiam share checkpoint.pth.tar
@@ -33,7 +35,7 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, err
 _held = {}  # real path of a lock file -> the fd this process keeps open (held until it exits)
 
 
-class DumpPathError(ValueError):
+class DumpPathError(UsageError):
     """The dump path cannot be used: another run holds it, or it is not a folder (one line)."""
 
 

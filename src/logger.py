@@ -6,6 +6,8 @@ from datetime import timedelta
 
 import pandas as pd
 
+from .errors import UsageError
+
 
 class LogFormatter:
     def __init__(self):
@@ -70,7 +72,7 @@ class PD_Stats:
         if os.path.isfile(self.path):
             self.stats = pd.read_pickle(self.path)
             if list(self.stats.columns) != list(columns):
-                raise ValueError(f"{path} has columns {list(self.stats.columns)}, "
+                raise UsageError(f"{path} has columns {list(self.stats.columns)}, "
                                  f"expected {list(columns)}: is it from another run?")
         else:
             self.stats = pd.DataFrame(columns=list(columns))

@@ -18,6 +18,7 @@ import math
 import torch
 
 from . import distributed as du
+from .errors import UsageError
 from .utils import bool_flag
 
 logger = logging.getLogger()
@@ -71,7 +72,7 @@ class CollapseMonitor:
                  remedies=SWAV_REMEDIES, name="SwAV"):
         ks = list(nmb_prototypes) if isinstance(nmb_prototypes, (list, tuple)) else [nmb_prototypes]
         if not ks or min(ks) < 2:
-            raise ValueError(f"collapse monitor: need K >= 2 prototypes per head, got {ks}")
+            raise UsageError(f"collapse monitor: need K >= 2 prototypes per head, got {ks}")
         self.ks = [int(k) for k in ks]
         self.ln_k = sum(math.log(k) for k in self.ks) / len(self.ks)
         self.patience, self.tolerance, self.start_iter = patience, tolerance, start_iter

@@ -8,6 +8,8 @@ images; they do not alter the ResNet-50 family.
 import torch
 import torch.nn as nn
 
+from .errors import UsageError
+
 
 def conv3x3(in_planes, out_planes, stride=1, groups=1, dilation=1):
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=dilation,
@@ -26,7 +28,7 @@ class BasicBlock(nn.Module):
         super().__init__()
         norm_layer = norm_layer or nn.BatchNorm2d
         if groups != 1:
-            raise ValueError("BasicBlock only supports groups=1")
+            raise UsageError("BasicBlock only supports groups=1")
         if dilation > 1:
             raise NotImplementedError("Dilation > 1 not supported in BasicBlock")
         self.conv1 = conv3x3(inplanes, planes, stride)
@@ -101,7 +103,7 @@ class ResNet(nn.Module):
         if replace_stride_with_dilation is None:
             replace_stride_with_dilation = [False, False, False]
         if len(replace_stride_with_dilation) != 3:
-            raise ValueError("replace_stride_with_dilation should be None or a 3-element tuple, "
+            raise UsageError("replace_stride_with_dilation should be None or a 3-element tuple, "
                              f"got {replace_stride_with_dilation}")
         self.groups = groups
         # width_per_group is NOT multiplied by widen (an early version of the original did that)
@@ -269,5 +271,5 @@ ARCHS = {f.__name__: f for f in (resnet50, resnet50w2, resnet50w4, resnet50w5, r
 def build_backbone(arch, **kwargs):
     """Build an architecture by name with a clear error for an unknown one."""
     if arch not in ARCHS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
+        raise UsageError(f"unknown --arch {arch!r}; choose one of {sorted(ARCHS)}")
     return ARCHS[arch](**kwargs)

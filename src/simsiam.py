@@ -1,22 +1,20 @@
-"""SimSiam (Chen & He, CVPR 2021): heads, loss, collapse monitor and two-view augmentation.
+"""SimSiam (Chen & He, CVPR 2021): heads, loss, collapse monitor and the two-view dataset
+(its augmentation: src/transforms.py simsiam_transform).
 
 Same math as facebookresearch/simsiam (simsiam/builder.py, main_simsiam.py). The model keeps the
 ResNet under `backbone.` and the heads under `projector.`/`predictor.`, so `load_pretrained`
 takes a SimSiam checkpoint's backbone like a SwAV one (it strips `module.`/`backbone.` and
 ignores head keys).
 """
-import logging
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision.transforms as transforms
 
-from . import fastaugment
-from .multicropdataset import MEAN, STD, MultiCropDataset, make_blur, to_tensor
-
-logger = logging.getLogger()
+from .errors import UsageError
+from .multicropdataset import CropsDataset
+from .transforms import simsiam_transform  # (importable from here as before)
 
 # warn when the collapse metric falls below this fraction of its no-collapse value 1/sqrt(d)
 COLLAPSE_WARN_RATIO = 0.5
@@ -52,7 +50,7 @@ class SimSiam(nn.Module):
         super().__init__()
         if getattr(backbone, "projection_head", None) is not None or \
                 getattr(backbone, "prototypes", None) is not None:
-            raise ValueError("SimSiam needs a bare backbone (output_dim=0, nmb_prototypes=0)")
+            raise UsageError("SimSiam needs a bare backbone (output_dim=0, nmb_prototypes=0)")
         self.backbone = backbone
         in_dim = backbone.num_features
         # the original's hidden width is the backbone's feature width (2048 for a ResNet-50)
@@ -110,45 +108,12 @@ def simsiam_lr_schedule(init_lr, epochs, niter_per_ep):
     return [lr for lr in per_epoch for _ in range(niter_per_ep)]
 
 
-def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augment="fast",
-                      host_normalize=False):
-    """SimSiam's (= MoCo v2's) augmentation: crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
-    p 0.2, blur p 0.5, flip, then uint8 out (normalised with this project's mean/std on the
-    device, src/engine.py to_device), or host_normalize=True: ToTensor + Normalize here.
-
-    augment="pil": the original's torchvision pipeline, in its order. "fast" (default):
-    src/fastaugment.py with half of SwAV's jitter strength, i.e. the same jitter; it draws the
-    flip right after the crop instead of last, which gives the same distribution (a flip
-    commutes with per-pixel colour changes and a symmetric blur) but other views for a seed."""
-    blur_t = make_blur(blur, p=0.5)
-    if augment not in ("fast", "pil"):
-        raise ValueError(f"--augment must be fast or pil, got {augment!r}")
-    if augment == "fast":
-        if fastaugment.available():
-            fastaugment.warm_up()
-            stats = (MEAN, STD) if host_normalize else (None, None)
-            return fastaugment.FastCropTransform(size, (min_scale, max_scale), blur_t, *stats,
-                                                 jitter_strength=0.5)
-        logger.warning("numba is not installed: using the (slower) PIL augmentation pipeline")
-    return transforms.Compose([
-        transforms.RandomResizedCrop(size, scale=(min_scale, max_scale)),
-        transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        transforms.RandomGrayscale(p=0.2),
-        blur_t,
-        transforms.RandomHorizontalFlip(),
-        *to_tensor(host_normalize),
-    ])
-
-
-class TwoViewDataset(MultiCropDataset):
-    """Two SimSiam views per image. Reuses MultiCropDataset's image loading (any layout of
-    images, bad files skipped) and its per-sample seeding under a SeededSampler (exact resume);
-    only the transform differs."""
+class TwoViewDataset(CropsDataset):
+    """Two SimSiam views per image (src/transforms.py simsiam_transform). The multi-crop
+    dataset's image loading (any layout of images, bad files skipped) and its per-sample seeding
+    under a SeededSampler (exact resume); only the transform differs."""
 
     def __init__(self, data_path, size=224, min_scale=0.2, max_scale=1.0, blur="pil",
                  strict_data=False, augment="fast"):
-        # the parent checks the scales; its (SwAV) transforms are replaced below
-        super().__init__(data_path, [size], [2], [min_scale], [max_scale], blur=blur,
-                         strict_data=strict_data, augment="pil")
         t = simsiam_transform(size, min_scale, max_scale, blur, augment)
-        self.trans = [t, t]
+        super().__init__(data_path, [t, t], strict_data=strict_data)

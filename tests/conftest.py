@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 
 import numpy as np
@@ -14,6 +15,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+
+def free_port():
+    """A TCP port free now on 127.0.0.1, for a test's process group (never a fixed one: two
+    test runs on one machine would collide)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):

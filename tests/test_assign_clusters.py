@@ -5,7 +5,6 @@ import argparse
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 import assign_clusters
 from src.checkpoint import add_module_prefix
@@ -62,12 +61,6 @@ def argv(data, dump, pretrained, *extra):
 
 def run(*args):
     return assign_clusters.main(assign_clusters.get_args_parser().parse_args(argv(*args)))
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_csv(path):

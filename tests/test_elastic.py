@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 
 import pandas as pd
 import pytest
@@ -18,7 +17,7 @@ import torch
 import main_deepclusterv2
 import main_simsiam
 import main_swav
-from conftest import tiny_swav_argv
+from conftest import free_port, tiny_swav_argv
 from src import distributed as du
 from src import preemption
 from src.checkpoint import (CheckpointError, check_resume_flags, map_start_iter, merge_shards,
@@ -146,12 +145,6 @@ def warm():
     fastaugment.warm_up()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _rank(module, argv, rank, world, port, stop_step, out):
     """One process of a run: main(argv) as rank `rank` of `world` (env:// rendezvous); records
     the per-rank state that train() starts from; SIGUSR1 during step `stop_step` on rank 0."""
@@ -197,7 +190,7 @@ def _rank(module, argv, rank, world, port, stop_step, out):
 def _run(module, argv, world, stop_step=-1):
     """{rank: (exit code, state train() started from)} of a run on `world` processes."""
     ctx = multiprocessing.get_context("fork")
-    out, port = ctx.Queue(), _free_port()
+    out, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_rank, args=(module, argv, r, world, port, stop_step, out))
              for r in range(world)]
     for p in procs:

@@ -2,7 +2,6 @@
 runs in one process and under torchrun (same numbers: each rank keeps its shard of the train
 bank, the merged top-k equal one process's, each val image counted once)."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -12,12 +11,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+import torchvision.datasets as datasets
+import torchvision.transforms as transforms
 
-from conftest import ROOT, make_split_folder
+from conftest import ROOT, free_port, make_split_folder
 
 import eval_knn
 from src.engine import gather_to_rank0
 from src.evaluation import knn_classify
+from src.multicropdataset import MEAN, STD
 from src.utils import accuracy
 
 
@@ -59,12 +61,6 @@ def test_knn_matches_a_direct_implementation():
     assert knn_classify(train_x, train_y, test_x, 4, k=500).shape == (9, 4)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _knn_worker(rank, port, train_x, train_y, test_x, ks, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -88,7 +84,7 @@ def test_knn_over_two_gloo_ranks_with_a_sharded_bank_equals_one_rank(tmp_path):
     test_x = centres[test_y] + torch.randn(17, 8, generator=g)
     ks = (1, 5, 30, 100)  # 30: more than rank 1's 20 rows; 100: more than the whole bank (41)
     # fork: the children start with torch imported (spawn's fresh interpreters cost ~10 s here)
-    mp.start_processes(_knn_worker, args=(_free_port(), train_x, train_y, test_x, ks,
+    mp.start_processes(_knn_worker, args=(free_port(), train_x, train_y, test_x, ks,
                                           str(tmp_path)), nprocs=2, start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"r{r}.pth", weights_only=True) for r in (0, 1))
     for k in ks:
@@ -124,7 +120,7 @@ def test_eval_knn_one_process_and_torchrun_agree(split_folder, tmp_path):
     assert list(stats["k"]) == [3, 20]
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29731", "eval_knn.py",
+           "--master_port", str(free_port()), "eval_knn.py",
            *knn_argv(split_folder, str(tmp_path / "two"))]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,7 +133,16 @@ def test_eval_knn_pixels_baseline_needs_no_weights(split_folder, tmp_path):
     parser = eval_knn.get_args_parser()
     res = eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "px"),
                                                    ["--arch", "pixels"])))
-    assert set(res) == {3, 20}
+    # the same k-NN on the images' own pixels, read here with torchvision: the same accuracies
+    tf = transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16),
+                             transforms.ToTensor(), transforms.Normalize(MEAN, STD)])
+    train, val = (datasets.ImageFolder(os.path.join(split_folder, s), tf) for s in ("train", "val"))
+    train_x, train_y = torch.stack([x for x, _ in train]).flatten(1), torch.tensor(train.targets)
+    val_x, val_y = torch.stack([x for x, _ in val]).flatten(1), torch.tensor(val.targets)
+    for k in (3, 20):
+        scores = knn_classify(train_x, train_y, val_x, 3, k=k, temperature=0.07)
+        top1, top5 = (a.item() for a in accuracy(scores, val_y, topk=(1, 5)))
+        assert res[k] == {"top1": pytest.approx(top1), "top5": pytest.approx(top5)}
     with pytest.raises(ValueError, match="pixels takes no --pretrained"):
         eval_knn.main(parser.parse_args(knn_argv(split_folder, str(tmp_path / "px2"),
                                                  ["--arch", "pixels", "--pretrained", "x.pth"])))

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, make_image_folder, make_split_folder
+from conftest import ROOT, free_port, make_image_folder, make_split_folder
 
 import eval_linear
 from eval_linear import RegLog
@@ -240,7 +240,7 @@ def test_tensorboard_missing_is_a_warning(tmp_path, monkeypatch, caplog):
 def test_torchrun_two_processes(split_folder, tmp_path):
     dump = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29733", "eval_linear.py", *linear_argv(split_folder, dump)]
+           "--master_port", str(free_port()), "eval_linear.py", *linear_argv(split_folder, dump)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     stats = pd.read_pickle(os.path.join(dump, "stats_eval_linear0.pkl"))

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, make_split_folder
+from conftest import ROOT, free_port, make_split_folder
 
 import eval_semisup
 from src.evaluation import eval_scaler, read_subset_file, stratified_subset, train_epoch
@@ -100,7 +100,7 @@ def test_subset_file_run_and_torchrun(split_folder, tmp_path):
                       "class_2/img_5.jpg\n")
     dump = str(tmp_path / "ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29735", "eval_semisup.py",
+           "--master_port", str(free_port()), "eval_semisup.py",
            *semisup_argv(split_folder, dump, ["--subset_file", str(subset), "--batch_size", "2"])]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -121,22 +121,40 @@ def test_cli_bad_labels_perc_is_one_line(split_folder, tmp_path):
 
 
 def test_fine_tuning_steps_go_through_the_grad_scaler():
-    """fp16 fine-tuning on CUDA needs loss scaling; on the CPU the scaler is off (bf16/fp32)."""
+    """fp16 fine-tuning on CUDA needs loss scaling; on the CPU the scaler is off (bf16/fp32).
+    An enabled CPU GradScaler stands in for the CUDA one: every loss is scaled, every gradient
+    unscaled before the step, and a power-of-two scale leaves the steps those of no scaler."""
     import argparse
     args = argparse.Namespace(use_fp16=True, amp_dtype="auto", device="cpu", rank=0, log_freq=100)
     assert not eval_scaler(args).is_enabled()
 
     class RecordingScaler(torch.amp.GradScaler):
-        scaled = 0
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.scaled, self.unscaled = 0, 0
 
         def scale(self, loss):
-            RecordingScaler.scaled += 1
+            self.scaled += 1
             return super().scale(loss)
 
-    model = torch.nn.Linear(4, 3)
-    before = model.weight.detach().clone()
-    loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    train_epoch(model, [model], loader, optimizer, 0, args, RecordingScaler("cpu", enabled=False))
-    assert RecordingScaler.scaled == 3
-    assert not torch.equal(model.weight, before)
+        def unscale_(self, optimizer):
+            self.unscaled += 1
+            return super().unscale_(optimizer)
+
+    def run(scaler):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        loader = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        before = model.weight.detach().clone()
+        train_epoch(model, [model], loader, optimizer, 0, args, scaler)
+        assert not torch.equal(model.weight, before)  # the steps were taken
+        return model.weight.detach()
+
+    scaler = RecordingScaler("cpu", init_scale=2.0 ** 10)
+    assert scaler.is_enabled()
+    scaled = run(scaler)
+    assert scaler.scaled == 3 and scaler.unscaled == 3
+    assert scaler.get_scale() == 2.0 ** 10  # finite gradients: no step skipped, no back-off
+    plain = run(None)  # train_epoch's default: a disabled scaler
+    assert torch.equal(scaled, plain)  # 2^10 scales and unscales exactly

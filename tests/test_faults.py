@@ -10,7 +10,6 @@ import math
 import os
 import pickle
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import main_swav
-from conftest import ROOT, make_image_folder, tiny_swav_argv
+from conftest import ROOT, free_port, make_image_folder, tiny_swav_argv
 from src.checkpoint import CheckpointError, remove_stale_tmp_files, safe_load
 from src.cli import run_main
 from src.engine import (EpochProgress, NonFiniteGuard, NonFiniteLossError, backward_and_step,
@@ -124,7 +123,7 @@ def _two_rank_monitor(rank, port, results):
 def test_stop_on_collapse_stops_every_rank_at_the_same_iteration():
     import multiprocessing
     ctx = multiprocessing.get_context("fork")
-    results, port = ctx.Queue(), _free_port()
+    results, port = ctx.Queue(), free_port()
     procs = [ctx.Process(target=_two_rank_monitor, args=(r, port, results)) for r in range(2)]
     for p in procs:
         p.start()
@@ -444,18 +443,12 @@ def _inject_script(tmp_path):
     return str(path)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.parametrize("fault", ["raise", "kill"])
 def test_one_rank_failing_ends_the_torchrun_job(tmp_path, image_folder, fault):
     argv = tiny_swav_argv(image_folder, str(tmp_path / "run"), ["--epochs", "3"])
     start = time.time()
     r = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                        "--max-restarts", "0", "--master_port", str(_free_port()),
+                        "--max-restarts", "0", "--master_port", str(free_port()),
                         _inject_script(tmp_path), fault, "1", *argv],
                        cwd=ROOT, capture_output=True, text=True, timeout=180,
                        env={**os.environ, **ONE_THREAD})
@@ -477,7 +470,7 @@ def test_hung_rank_times_out_without_a_launcher(tmp_path, image_folder):
     argv = tiny_swav_argv(image_folder, str(tmp_path / "run"),
                           ["--epochs", "3", "--dist_timeout_min", "0.15"])  # 9 s
     env = {**os.environ, **ONE_THREAD, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(_free_port())}
+           "MASTER_PORT": str(free_port())}
     script = _inject_script(tmp_path)
     procs = [subprocess.Popen([PY, script, "hang", "1", *argv], cwd=ROOT, env={
         **env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL,

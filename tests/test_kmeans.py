@@ -2,13 +2,14 @@
 recovery of separated clusters, empty clusters, 2 gloo processes = 1 process on the union,
 -100 for unseen samples, cluster-size statistics."""
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+
+from conftest import free_port
 
 from benchmarks.bench_kmeans import loop_kmeans, loop_m_step
 from src import kmeans
@@ -108,12 +109,6 @@ def test_unseen_indices_get_minus_100_and_stats():
 
 
 # ----------------------------------------------------------------------------- 2 processes
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, port, parts, index_parts, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -136,7 +131,7 @@ def test_two_gloo_processes_equal_one_process_on_the_union(tmp_path):
     index = torch.randperm(500, generator=g)[:400]  # 100 dataset images in no memory bank
     parts, index_parts = [x[:200], x[200:]], [index[:200], index[200:]]
     # fork: the children start with torch imported (spawn's fresh interpreters cost ~10 s here)
-    mp.start_processes(_worker, args=(_free_port(), parts, index_parts, str(tmp_path)), nprocs=2,
+    mp.start_processes(_worker, args=(free_port(), parts, index_parts, str(tmp_path)), nprocs=2,
                        start_method="fork")
     r0, r1 = (torch.load(tmp_path / f"r{r}.pth", weights_only=True) for r in (0, 1))
 

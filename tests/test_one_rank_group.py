@@ -3,24 +3,17 @@ CUDA; `python -m pytest -q tests/test_one_rank_group.py` there). The collectives
 one is not skipped), each with its tensor on the backend's device although the callers hold
 host tensors: a DeepCluster-v2 epoch to its end (k-means, the collapse monitor fed CPU
 assignments, the memory-bank gather for the checkpoint) and the k-NN top-k merge."""
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 
 import main_deepclusterv2 as dc
-from conftest import tiny_swav_argv
+from conftest import free_port, tiny_swav_argv
 from src import preemption
 from src.evaluation import knn_classify, merge_topk
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "gather")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(params=["gloo", pytest.param("nccl", marks=[
@@ -34,7 +27,7 @@ def group(request, monkeypatch):
     device = "cuda" if backend == "nccl" else "cpu"
     if device == "cuda":
         torch.cuda.set_device(0)
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1)
     seen = []
 

@@ -1,9 +1,10 @@
 import os
-import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from conftest import free_port
 
 from src.sinkhorn import distributed_sinkhorn
 
@@ -69,12 +70,6 @@ def test_no_overflow_small_epsilon_and_fp16_input():
     assert Qh.dtype == torch.float32 and torch.isfinite(Qh).all()
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out, result):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -89,5 +84,5 @@ def _worker(rank, world, port, out, result):
 def test_two_ranks_equal_one_rank_on_concatenated_batch():
     out = scores(B=48, K=6, seed=4)
     result = torch.zeros_like(out).share_memory_()
-    mp.spawn(_worker, args=(2, _free_port(), out, result), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), out, result), nprocs=2, join=True)
     torch.testing.assert_close(result, distributed_sinkhorn(out, 0.05, 3), rtol=1e-5, atol=1e-6)
