@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from src import distributed as du
 from src import preemption
 from src.amp import Precision
-from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.data import build_train_data, to_device
@@ -21,7 +21,8 @@ from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
 from src.progress import EpochProgress
-from src.runstate import EpochState, end_epoch, gather_to_rank0, resume_training_state
+from src.runstate import (EpochState, end_epoch, gather_to_rank0, resume_training_state,
+                          this_ranks_share)
 from src.step import backward, freeze_prototypes, optimizer_step, set_lr
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
@@ -201,17 +202,15 @@ def reshard_memory_bank(banks, old_batch, args, rows, path):
     changes with the world size) keeps its first rows, or repeats them from the start: every
     row holds a real sample, and the epoch overwrites them all (k-means needs each rank's rows
     to be real embeddings, K of them on rank 0, and scatters the assignments by index)."""
-    index, embeddings = banks["index"], banks["embeddings"]
+    index = banks["index"]
     old_rows = index.shape[0] * index.shape[1]
     if old_rows != rows:
         logger.warning(f"memory bank of {old_rows} samples -> {rows} (another global batch or "
                        "epoch length): " + ("the first ones are kept" if rows < old_rows else
                                             f"{rows - old_rows} samples repeated from the start"))
-    new_index, new_embeddings = (
-        reshard(list(t), old_batch, args.world_size, args.batch_size, dim=dim, rows=rows,
-                pad="repeat", what=f"{path}: the memory bank")[args.rank]
-        for t, dim in ((index, 0), (embeddings, 1)))
-    return new_index, new_embeddings
+    share = this_ranks_share(banks, old_batch, args, rows, {"index": 0, "embeddings": 1},
+                             pad="repeat", what=f"{path}: the memory bank")
+    return share["index"], share["embeddings"]
 
 
 def save_memory_bank(args, local_memory_index, local_memory_embeddings):

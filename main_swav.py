@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from src import distributed as du
 from src import preemption
 from src.amp import Precision
-from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
 from src.data import build_train_data, to_device
@@ -21,7 +21,8 @@ from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
 from src.progress import EpochProgress
-from src.runstate import EpochState, end_epoch, gather_to_rank0, resume_training_state
+from src.runstate import (EpochState, end_epoch, gather_to_rank0, resume_training_state,
+                          this_ranks_share)
 from src.sinkhorn import distributed_sinkhorn
 from src.step import backward, freeze_prototypes, optimizer_step, set_lr
 from src.tensorboard import TensorBoard
@@ -217,8 +218,8 @@ def load_queue(args, expected_shape, epoch, to_restore):
             logger.warning(f"queue length {old_rows} -> {rows}: the newest "
                            f"{min(old_rows, rows)} rows are kept" + (
                                ", the rest starts empty" if rows > old_rows else ""))
-        queue = reshard(list(queues), saved["batch_size"], args.world_size, args.batch_size,
-                        dim=1, rows=rows, what=f"{path}: the queue")[args.rank]
+        queue = this_ranks_share({"queue": queues}, saved["batch_size"], args, rows, {"queue": 1},
+                                 what=f"{path}: the queue")["queue"]
     else:
         path = queue_path(args)
         if not os.path.isfile(path):

@@ -18,8 +18,8 @@ from . import preemption
 from .amp import scaler_state_from_apex
 from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume_flags,
                          checkpoint_candidates, get_rng_state, map_start_iter, model_state_dict,
-                         remove_stale_tmp_files, restart_from_checkpoint, set_rng_state,
-                         truncate_stats)
+                         remove_stale_tmp_files, reshard, restart_from_checkpoint,
+                         set_rng_state, truncate_stats)
 
 logger = logging.getLogger()
 
@@ -61,6 +61,18 @@ class EpochState:
         known = {f.name for f in fields(cls)}
         return cls(start_iter=start_iter,
                    **{k: v for k, v in (epoch_state or {}).items() if k in known})
+
+
+def this_ranks_share(shards, old_batch, args, rows, dims, pad="zeros", what="rows"):
+    """This rank's part of per-rank state every rank of the checkpoint's run saved (SwAV's
+    queue, DeepCluster-v2's memory bank: gathered by gather_to_rank0), re-sharded for this
+    run's processes and batch size (src/checkpoint.py reshard: the global rows keep their
+    order). `shards`: {name: [old world size, ...]} with the rows along `dims[name]`; `rows`:
+    the new global row count; `pad`: what fills rows beyond the saved ones. Returns {name:
+    tensor}."""
+    return {name: reshard(list(t), old_batch, args.world_size, args.batch_size, dim=dims[name],
+                          rows=rows, pad=pad, what=what)[args.rank]
+            for name, t in shards.items()}
 
 
 def gather_to_rank0(tensor):
