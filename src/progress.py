@@ -14,6 +14,9 @@ from .utils import AverageMeter
 logger = logging.getLogger()
 
 
+STOP_CHECK_EVERY = 10  # steps between two distributed stop checks, at most
+
+
 class EpochProgress:
     """Iterates a loader with data/batch timers and the original's 50-iteration log line.
 
@@ -58,10 +61,15 @@ class EpochProgress:
             self.data_time.update(time.time() - self.end)
             yield it, self.epoch * self.niter_per_ep + it, batch
             stop = False
-            if it % self.log_freq == 0:
+            log = it % self.log_freq == 0
+            # distributed, the stop request is an all-reduce read in one host sync with the
+            # losses: at the log iterations, and at least every STOP_CHECK_EVERY steps so that
+            # a SIGTERM's checkpoint fits Slurm's 30 s grace however rarely the run logs
+            if log or (distributed and it % STOP_CHECK_EVERY == 0):
                 flag = preemption.stop_flag() if distributed else None
                 reduced = self.flush(flag)
-                self.log(it)
+                if log:
+                    self.log(it)
                 stop = preemption.should_stop(reduced)
             elif not distributed:
                 stop = preemption.should_stop()
