@@ -10,18 +10,21 @@ import torch.nn.functional as F
 
 from src import distributed as du
 from src import preemption
-from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
+from src.amp import Precision
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
-from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
-                        end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr, to_device, truncate_stats)
+from src.data import build_train_data, to_device
+from src.engine import build_pretraining, run_epochs
 from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.kmeans import cluster_size_stats, scatter_assignments, spherical_kmeans
 from src.monitor import DEEPCLUSTER_REMEDIES, CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
-from src.resnet50 import build_backbone
+from src.progress import EpochProgress
+from src.runstate import (EpochState, end_epoch, gather_to_rank0, resume_training_state,
+                          this_ranks_share)
+from src.step import backward, freeze_prototypes, optimizer_step, set_lr
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -119,12 +122,13 @@ def deepcluster_loss(output, assignments, idx, nmb_crops_total, temperature):
 
 # ----------------------------------------------------------------------------- memory bank
 @torch.no_grad()
-def init_memory(dataloader, model, args):
+def init_memory(dataloader, model, args, *, precision=None):
     """Fill this rank's memory bank with one pass over its shard (model in its current mode,
     as the original: train mode, so BatchNorm uses batch statistics)."""
     net = unwrap(model)
     size_memory_per_process = len(dataloader) * args.batch_size
     device = next(net.parameters()).device
+    precision = precision or Precision.from_args(args, device)
     local_memory_index = torch.zeros(size_memory_per_process, dtype=torch.long, device=device)
     local_memory_embeddings = torch.zeros(len(args.crops_for_assign), size_memory_per_process,
                                           args.feat_dim, device=device)
@@ -134,7 +138,7 @@ def init_memory(dataloader, model, args):
         nmb_unique_idx = inputs[0].size(0)
         local_memory_index[start_idx: start_idx + nmb_unique_idx] = index.to(device)
         for mb_idx, crop_idx in enumerate(args.crops_for_assign):
-            with forward_context(net, args):
+            with precision.autocast():
                 embeddings = model(to_device(inputs[crop_idx], device))[0]
             local_memory_embeddings[mb_idx][start_idx: start_idx + nmb_unique_idx] = embeddings
         start_idx += nmb_unique_idx
@@ -199,17 +203,15 @@ def reshard_memory_bank(banks, old_batch, args, rows, path):
     changes with the world size) keeps its first rows, or repeats them from the start: every
     row holds a real sample, and the epoch overwrites them all (k-means needs each rank's rows
     to be real embeddings, K of them on rank 0, and scatters the assignments by index)."""
-    index, embeddings = banks["index"], banks["embeddings"]
+    index = banks["index"]
     old_rows = index.shape[0] * index.shape[1]
     if old_rows != rows:
         logger.warning(f"memory bank of {old_rows} samples -> {rows} (another global batch or "
                        "epoch length): " + ("the first ones are kept" if rows < old_rows else
                                             f"{rows - old_rows} samples repeated from the start"))
-    new_index, new_embeddings = (
-        reshard(list(t), old_batch, args.world_size, args.batch_size, dim=dim, rows=rows,
-                pad="repeat", what=f"{path}: the memory bank")[args.rank]
-        for t, dim in ((index, 0), (embeddings, 1)))
-    return new_index, new_embeddings
+    share = this_ranks_share(banks, old_batch, args, rows, {"index": 0, "embeddings": 1},
+                             pad="repeat", what=f"{path}: the memory bank")
+    return share["index"], share["embeddings"]
 
 
 def save_memory_bank(args, local_memory_index, local_memory_embeddings):
@@ -249,20 +251,22 @@ def cluster_memory(model, local_memory_index, local_memory_embeddings, size_data
 
 # ----------------------------------------------------------------------------- training
 def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_memory_embeddings,
-          args, *, scaler=None, monitor=None, start_iter=0, state=None):
+          args, *, scaler=None, precision=None, monitor=None, start_iter=0, state=None):
     """One epoch: k-means on the memory bank, then cross-entropy against the clusters while the
     memory bank takes the new embeddings. Returns ((epoch, average loss), index, embeddings).
 
-    `state` (a dict) keeps the epoch's assignments for a mid-epoch resume at `start_iter`."""
+    `state` (an EpochState) keeps the epoch's assignments for a mid-epoch resume at
+    `start_iter`."""
     net = unwrap(model)
     model.train()
     device = next(net.parameters()).device
-    state = state if state is not None else {}
-    if state.get("assignments") is None:  # a resumed epoch keeps the clusters it started with
-        state["assignments"] = cluster_memory(model, local_memory_index, local_memory_embeddings,
+    precision = precision or Precision.from_args(args, device, scaler)
+    state = state if state is not None else EpochState()
+    if state.assignments is None:  # a resumed epoch keeps the clusters it started with
+        state.assignments = cluster_memory(model, local_memory_index, local_memory_embeddings,
                                               len(loader.dataset), args, args.nmb_kmeans_iters)
         logger.info("Clustering for epoch {} done.".format(epoch))
-    assignments = state["assignments"]
+    assignments = state.assignments
 
     progress = EpochProgress(loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = sum(args.nmb_crops)
@@ -273,7 +277,7 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
 
         # ============ multi-res forward passes ... ============
         inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
-        with forward_context(net, args):
+        with precision.autocast():
             emb, output = model(inputs)
         emb = emb.detach()
         bs = inputs[0].size(0)
@@ -281,9 +285,10 @@ def train(loader, model, optimizer, epoch, schedule, local_memory_index, local_m
         # ============ deepcluster-v2 loss ... ============
         loss = deepcluster_loss(output, assignments, idx, ncrops, args.temperature)
 
-        # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
-                          progress)
+        # ============ backward, prototypes kept (k-means sets them), optim step ... ============
+        backward(loss, optimizer, precision.scaler, iteration, progress)
+        freeze_prototypes(model, iteration, args.freeze_prototypes_niters)
+        optimizer_step(loss, model, optimizer, precision.scaler, iteration, progress)
 
         # ============ update memory banks ... ============
         local_memory_index[start_idx: start_idx + bs] = to_device(idx, local_memory_index.device)
@@ -317,45 +322,41 @@ def main(args):
         return_index=True, blur=args.blur, strict_data=args.strict_data, augment=args.augment))
     check_memory_size(args, len(train_loader))
 
-    # build model: one prototype head per k-means
-    model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
-                           output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
-                           cifar_stem=args.cifar_stem, width=args.width or None)
-    # ... on its device (DDP), with LARC + SGD, the lr schedule and the precision
-    model, optimizer, lr_schedule, scaler = build_pretraining(model, args, len(train_loader))
+    # build model (one prototype head per k-means: --nmb_prototypes is a list) on its device
+    # (DDP), with LARC + SGD, the lr schedule and the precision
+    model, optimizer, lr_schedule, precision = build_pretraining(args, len(train_loader))
 
-    # optionally resume from a checkpoint (with every rank's memory bank)
-    to_restore = resume_training_state(args, model, optimizer, scaler,
+    # optionally resume from a checkpoint (with every rank's memory bank); a mid-epoch one
+    # (preemption) resumes its epoch at state.start_iter with its assignments
+    to_restore = resume_training_state(args, model, optimizer, precision.scaler, training_stats,
                                        extra_keys=["memory_bank"])
-    start_epoch = to_restore["epoch"]
-    truncate_stats(training_stats, start_epoch)
-    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its assignments
-    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
+    start_epoch, state = to_restore["epoch"], to_restore["epoch_state"]
 
     # build the memory bank
     memory = load_memory_bank(args, to_restore, len(train_dataset), len(train_loader))
     if memory is None and start_epoch > 0:
         logger.warning(f"no memory bank in the checkpoint nor in {memory_bank_path(args)}: "
                        "filling a new one (the resumed run is not exact)")
-    local_memory_index, local_memory_embeddings = memory or init_memory(train_loader, model, args)
+    local_memory_index, local_memory_embeddings = memory or init_memory(train_loader, model, args,
+                                                                    precision=precision)
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes, name="DeepCluster-v2",
                                         remedies=DEEPCLUSTER_REMEDIES)
     tb = TensorBoard(args)
-    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
+    for epoch in run_epochs(train_loader, start_epoch, args, state.start_iter):
         scores, local_memory_index, local_memory_embeddings = train(
             train_loader, model, optimizer, epoch, lr_schedule, local_memory_index,
-            local_memory_embeddings, args, scaler=scaler, monitor=monitor, start_iter=start_iter,
-            state=state)
-        if state.get("stopped_at") is None:
-            tb.scalars(epoch, "deepclusterv2", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
-                       clusters_in_use=monitor.share_in_use())
+            local_memory_embeddings, args, precision=precision, monitor=monitor,
+            start_iter=state.start_iter, state=state)
 
         # save checkpoints: every rank's memory bank in the checkpoint and its own mb{rank}.pth;
-        # the stats row; mid-epoch if a stop request cut the epoch; requeue and exit
+        # the stats row and TensorBoard (a whole epoch only); mid-epoch if a stop request cut
+        # the epoch; requeue and exit
         banks = save_memory_bank(args, local_memory_index, local_memory_embeddings)
-        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state,
-                  {"memory_bank": banks} if banks is not None else {})
-        start_iter, state = 0, {}
+        end_epoch(args, epoch, model, optimizer, precision.scaler, training_stats, scores, state,
+                  {"memory_bank": banks} if banks is not None else {}, tb=tb,
+                  scalars=("deepclusterv2", dict(loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                                                 clusters_in_use=monitor.share_in_use())))
+        state = EpochState()
     tb.close()
     return training_stats
 

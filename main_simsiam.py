@@ -7,17 +7,20 @@ import torch
 
 from src import distributed as du
 from src import preemption
+from src.amp import Precision
 from src.checkpoint import unwrap
 from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
-from src.engine import (EpochProgress, backward_and_step, build_train_data, end_epoch,
-                        forward_context, prepare_model, resume_training_state, run_epochs,
-                        set_lr, setup_precision, to_device, truncate_stats)
+from src.data import build_train_data, to_device
+from src.engine import build_precision, prepare_model, run_epochs
 from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.multicropdataset import BLURS
+from src.progress import EpochProgress
 from src.resnet50 import build_backbone
+from src.runstate import EpochState, end_epoch, resume_training_state
 from src.simsiam import (COLLAPSE_WARN_RATIO, SimSiam, TwoViewDataset, no_collapse_std,
                          normalized_std_tensor, optimizer_groups, simsiam_loss, simsiam_lr_schedule)
+from src.step import backward_and_step, set_lr
 from src.tensorboard import TensorBoard
 from src.utils import bool_flag, fix_random_seeds, initialize_exp
 
@@ -97,21 +100,22 @@ def check_args(args):
     check_data_path(args.data_path)
 
 
-def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=None, start_iter=0,
-          state=None):
+def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=None,
+          precision=None, start_iter=0, state=None):
     """One epoch. Returns (epoch, average loss, average collapse metric of the projector
     outputs); `model` may be DDP-wrapped or not, the device comes from its parameters.
 
-    `state` (a dict) carries the epoch's averages across a mid-epoch stop and resume."""
+    `state` (an EpochState) carries the epoch's averages across a mid-epoch stop and resume."""
     net = unwrap(model)
     model.train()
     device = next(net.parameters()).device
-    state = state if state is not None else {}
+    precision = precision or Precision.from_args(args, device, scaler)
+    state = state if state is not None else EpochState()
     progress = EpochProgress(train_loader, epoch, args, start_iter, state=state)
     # the collapse metric's average, summed on the device and read once, at the end of the epoch
     z_sum, z_count = torch.zeros((), dtype=torch.float64, device=device), 0
-    if start_iter > 0 and state.get("z_std_meter"):
-        avg, z_count = state["z_std_meter"]
+    if start_iter > 0 and state.z_std_meter:
+        avg, z_count = state.z_std_meter
         z_sum += avg * z_count
 
     for it, iteration, (x1, x2) in progress:
@@ -120,12 +124,12 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=No
         x1, x2 = to_device([x1, x2], device)  # uint8 views, normalised on the device
 
         # ============ two views, symmetric loss with stop-gradient ... ============
-        with forward_context(net, args):
+        with precision.autocast():
             p1, p2, z1, z2 = model(x1, x2)
         loss = simsiam_loss(p1, p2, z1, z2)
 
         # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, progress=progress)
+        backward_and_step(loss, model, optimizer, precision.scaler, iteration, progress=progress)
 
         # ============ misc ... ============
         bs = x1.size(0)
@@ -134,7 +138,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, args, *, scaler=No
         progress.update(it, loss, bs, optimizer.param_groups[0]["lr"])  # read once per log
     z_avg = z_sum.item() / max(z_count, 1)
     if progress.stopped_at is not None:  # resumed later: continue this epoch's average
-        state["z_std_meter"] = [z_avg, z_count]
+        state.z_std_meter = [z_avg, z_count]
     return epoch, progress.losses.avg, z_avg
 
 
@@ -174,30 +178,30 @@ def main(args):
     optimizer = torch.optim.SGD(optimizer_groups(model, args.fix_pred_lr), lr=init_lr,
                                 momentum=0.9, weight_decay=args.wd)
     lr_schedule = simsiam_lr_schedule(init_lr, args.epochs, len(train_loader))
-    scaler = setup_precision(args)
+    precision = build_precision(args)
     logger.info(f"Building optimizer done: lr {init_lr:g} (base_lr {args.base_lr:g} x total "
                 f"batch {args.batch_size * args.world_size} / 256)"
                 + (", predictor at a fixed lr" if args.fix_pred_lr else ""))
 
-    # optionally resume from a checkpoint
-    to_restore = resume_training_state(args, model, optimizer, scaler)
-    start_epoch = to_restore["epoch"]
-    truncate_stats(training_stats, start_epoch)
-    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
-    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
+    # optionally resume from a checkpoint; a mid-epoch one (preemption) resumes its epoch at
+    # state.start_iter with its state
+    to_restore = resume_training_state(args, model, optimizer, precision.scaler, training_stats)
+    start_epoch, state = to_restore["epoch"], to_restore["epoch_state"]
 
     tb = TensorBoard(args)
-    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
-        scores = train(train_loader, model, optimizer, epoch, lr_schedule, args, scaler=scaler,
-                       start_iter=start_iter, state=state)
-        if state.get("stopped_at") is None:  # a whole epoch (not cut by a stop request)
-            if args.rank == 0:
-                log_collapse(scores[2], args.dim, epoch)
-            tb.scalars(epoch, "simsiam", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
-                       z_std=scores[2], z_std_no_collapse=no_collapse_std(args.dim))
-        # stats row; checkpoint (mid-epoch if cut); requeue and exit after a stop request
-        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state)
-        start_iter, state = 0, {}
+    for epoch in run_epochs(train_loader, start_epoch, args, state.start_iter):
+        scores = train(train_loader, model, optimizer, epoch, lr_schedule, args,
+                       precision=precision, start_iter=state.start_iter, state=state)
+        if not state.cut and args.rank == 0:  # a whole epoch (not cut by a stop request)
+            log_collapse(scores[2], args.dim, epoch)
+        # stats row and TensorBoard (a whole epoch only); checkpoint (mid-epoch if cut);
+        # requeue and exit after a stop request
+        end_epoch(args, epoch, model, optimizer, precision.scaler, training_stats, scores, state,
+                  tb=tb,
+                  scalars=("simsiam", dict(loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                                           z_std=scores[2],
+                                           z_std_no_collapse=no_collapse_std(args.dim))))
+        state = EpochState()
     tb.close()
     return training_stats
 

@@ -11,18 +11,21 @@ import torch.nn.functional as F
 
 from src import distributed as du
 from src import preemption
-from src.checkpoint import CheckpointError, atomic_save, reshard, safe_load, unwrap
+from src.amp import Precision
+from src.checkpoint import CheckpointError, atomic_save, safe_load, unwrap
 from src.cli import (add_backbone_args, add_distributed_args, add_larc_optim_args,
                      add_multicrop_args, add_run_args, check_crops_for_assign, run_main)
-from src.engine import (EpochProgress, backward_and_step, build_pretraining, build_train_data,
-                        end_epoch, forward_context, gather_to_rank0, resume_training_state,
-                        run_epochs, set_lr, to_device, truncate_stats)
+from src.data import build_train_data, to_device
+from src.engine import build_pretraining, forward_context, run_epochs  # noqa: F401 (tests)
 from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.monitor import CollapseMonitor, add_collapse_args
 from src.multicropdataset import MultiCropDataset
-from src.resnet50 import build_backbone
+from src.progress import EpochProgress
+from src.runstate import (EpochState, end_epoch, gather_to_rank0, resume_training_state,
+                          this_ranks_share)
 from src.sinkhorn import distributed_sinkhorn
+from src.step import backward, freeze_prototypes, optimizer_step, set_lr
 from src.tensorboard import TensorBoard
 from src.utils import fix_random_seeds, initialize_exp
 
@@ -102,57 +105,81 @@ def swav_loss(output, q_per_crop, crops_for_assign, nmb_crops_total, bs, tempera
     return loss / len(crops_for_assign)
 
 
+def normalize_prototypes(net):
+    """L2-normalise the prototype rows in place (no gradient): the scores are cosines."""
+    with torch.no_grad():
+        w = net.prototypes.weight.data.clone()
+        w = nn.functional.normalize(w, dim=1, p=2)
+        net.prototypes.weight.copy_(w)
+
+
+@torch.no_grad()
+def use_and_update_queue(queue, i, out, embedding, prototypes, use_the_queue):
+    """Queue i (of assigned crop i) at one iteration. Used once it is in use or full (its last
+    row is non-zero): its stored embeddings, scored with the *current* prototypes, go before
+    this batch's scores `out`, so Sinkhorn balances the codes over more samples than a batch.
+    Then it shifts by one batch and takes this batch's `embedding` at its front (FIFO).
+    Returns (the scores Sinkhorn gets, use_the_queue)."""
+    bs = out.size(0)
+    if use_the_queue or not torch.all(queue[i, -1, :] == 0):
+        use_the_queue = True
+        out = torch.cat((torch.mm(queue[i], prototypes.t()), out.float()))
+    queue[i, bs:] = queue[i, :-bs].clone()
+    queue[i, :bs] = embedding
+    return out, use_the_queue
+
+
 def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, scaler=None,
-          start_iter=0, state=None, monitor=None):
+          precision=None, start_iter=0, state=None, monitor=None):
     """One epoch. Returns ((epoch, average loss), queue) like the original's train().
 
-    `state` (a dict) carries `use_the_queue` across a mid-epoch resume."""
+    `precision`: main's (src/amp.py Precision); without it, decided here from the flags and the
+    model's device (with `scaler` when given). `state` (an EpochState) carries `use_the_queue`
+    across a mid-epoch resume."""
     net = unwrap(model)
     model.train()
     device = next(net.parameters()).device
-    state = state if state is not None else {}
-    use_the_queue = state.get("use_the_queue", False)
+    precision = precision or Precision.from_args(args, device, scaler)
+    state = state if state is not None else EpochState()
+    use_the_queue = bool(state.use_the_queue)
     progress = EpochProgress(train_loader, epoch, args, start_iter, state=state, monitor=monitor)
     ncrops = int(np.sum(args.nmb_crops))
 
     for it, iteration, inputs in progress:
-        # update learning rate
+        # the rate of this iteration (linear warm-up, then cosine: one value per iteration)
         set_lr(optimizer, lr_schedule[iteration])
 
-        # normalize the prototypes
-        with torch.no_grad():
-            w = net.prototypes.weight.data.clone()
-            w = nn.functional.normalize(w, dim=1, p=2)
-            net.prototypes.weight.copy_(w)
+        # normalise the prototypes: the scores below are cosine similarities
+        normalize_prototypes(net)
 
         # ============ multi-res forward passes ... ============
-        inputs = to_device(inputs, device)  # uint8 crops, normalised on the device
-        with forward_context(net, args):
+        # one backbone pass per crop resolution; uint8 crops, normalised on the device
+        inputs = to_device(inputs, device)
+        with precision.autocast():
             embedding, output = model(inputs)
         embedding = embedding.detach()
         bs = inputs[0].size(0)
 
-        # ============ swav loss ... ============
+        # ============ codes: queue, then Sinkhorn (no gradient) ... ============
         q_per_crop = []
         for i, crop_id in enumerate(args.crops_for_assign):
             with torch.no_grad():
                 out = output[bs * crop_id: bs * (crop_id + 1)].detach()
-                # time to use the queue (scored with the current prototypes)
                 if queue is not None:
-                    if use_the_queue or not torch.all(queue[i, -1, :] == 0):
-                        use_the_queue = True
-                        out = torch.cat((torch.mm(queue[i], net.prototypes.weight.t()), out.float()))
-                    # fill the queue
-                    queue[i, bs:] = queue[i, :-bs].clone()
-                    queue[i, :bs] = embedding[crop_id * bs: (crop_id + 1) * bs]
-                # get assignments
-                q = distributed_sinkhorn(out, args.epsilon, args.sinkhorn_iterations)[-bs:]
-            q_per_crop.append(q)
+                    out, use_the_queue = use_and_update_queue(
+                        queue, i, out, embedding[crop_id * bs: (crop_id + 1) * bs],
+                        net.prototypes.weight, use_the_queue)
+                # equipartitioned codes; the queue's rows only widen the balance: keep the batch's
+                q_per_crop.append(distributed_sinkhorn(out, args.epsilon,
+                                                       args.sinkhorn_iterations)[-bs:])
+
+        # ============ swapped prediction ... ============
         loss = swav_loss(output, q_per_crop, args.crops_for_assign, ncrops, bs, args.temperature)
 
-        # ============ backward and optim step ... ============
-        backward_and_step(loss, model, optimizer, scaler, iteration, args.freeze_prototypes_niters,
-                          progress)
+        # ============ backward, prototype freezing, optim step ... ============
+        backward(loss, optimizer, precision.scaler, iteration, progress)
+        freeze_prototypes(model, iteration, args.freeze_prototypes_niters)
+        optimizer_step(loss, model, optimizer, precision.scaler, iteration, progress)
 
         # ============ misc ... ============
         # the loss is read once per log interval (no host sync per step): by progress, which
@@ -162,7 +189,7 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
             monitor.update(None, codes=q_per_crop, iteration=iteration)
     if monitor is not None:
         monitor.epoch_summary(epoch)
-    state["use_the_queue"] = use_the_queue
+    state.use_the_queue = use_the_queue
     return (epoch, progress.losses.avg), queue
 
 
@@ -192,8 +219,8 @@ def load_queue(args, expected_shape, epoch, to_restore):
             logger.warning(f"queue length {old_rows} -> {rows}: the newest "
                            f"{min(old_rows, rows)} rows are kept" + (
                                ", the rest starts empty" if rows > old_rows else ""))
-        queue = reshard(list(queues), saved["batch_size"], args.world_size, args.batch_size,
-                        dim=1, rows=rows, what=f"{path}: the queue")[args.rank]
+        queue = this_ranks_share({"queue": queues}, saved["batch_size"], args, rows, {"queue": 1},
+                                 what=f"{path}: the queue")["queue"]
     else:
         path = queue_path(args)
         if not os.path.isfile(path):
@@ -206,6 +233,14 @@ def load_queue(args, expected_shape, epoch, to_restore):
     return queue.to(args.device)
 
 
+def with_rounded_queue_length(args, global_batch):
+    """The flags the run uses and records (params.pkl, the log, the checkpoint's "args" and the
+    comparison on resume): a copy of `args` (left as parsed) whose --queue_length is rounded
+    down to a multiple of the global batch, as the original rounds it."""
+    return argparse.Namespace(**{**vars(args),
+                                 "queue_length": args.queue_length - args.queue_length % global_batch})
+
+
 def main(args):
     check_args(args)
     du.init_distributed_mode(args)
@@ -213,8 +248,7 @@ def main(args):
     if 0 < args.queue_length < global_batch:
         raise UsageError(f"--queue_length {args.queue_length} is smaller than the global batch "
                          f"{global_batch} (--batch_size x processes): the queue would be empty")
-    # the queue length rounded down to a multiple of the global batch, as the original
-    args.queue_length -= args.queue_length % global_batch
+    args = with_rounded_queue_length(args, global_batch)
     fix_random_seeds(args.seed)
     logger_, training_stats = initialize_exp(args, "epoch", "loss")
     preemption.install()  # USR1/TERM/INT: finish the step, checkpoint mid-epoch, then exit
@@ -224,20 +258,15 @@ def main(args):
         images, args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops,
         blur=args.blur, strict_data=args.strict_data, augment=args.augment))
 
-    # build model
-    model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
-                           output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
-                           cifar_stem=args.cifar_stem, width=args.width or None)
-    # ... on its device (DDP), with LARC + SGD, the lr schedule and the precision
-    model, optimizer, lr_schedule, scaler = build_pretraining(model, args, len(train_loader))
+    # build model (--nmb_prototypes prototypes) on its device (DDP), with LARC + SGD, the lr
+    # schedule and the precision
+    model, optimizer, lr_schedule, precision = build_pretraining(args, len(train_loader))
 
-    # optionally resume from a checkpoint
-    to_restore = resume_training_state(args, model, optimizer, scaler,
+    # optionally resume from a checkpoint; a mid-epoch one (preemption) resumes its epoch at
+    # state.start_iter with its state
+    to_restore = resume_training_state(args, model, optimizer, precision.scaler, training_stats,
                                        extra_keys=["queue"])
-    start_epoch = to_restore["epoch"]
-    truncate_stats(training_stats, start_epoch)
-    # a mid-epoch checkpoint (preemption) resumes its epoch at start_iter with its epoch state
-    start_iter, state = to_restore["start_iter"], to_restore["epoch_state"] or {}
+    start_epoch, state = to_restore["epoch"], to_restore["epoch_state"]
 
     # build the queue: this rank's share of the global queue
     queue_shape = (len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim)
@@ -249,26 +278,29 @@ def main(args):
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,
                                         start_iter=args.freeze_prototypes_niters)
     tb = TensorBoard(args)
-    for epoch in run_epochs(train_loader, start_epoch, args, start_iter):
+    for epoch in run_epochs(train_loader, start_epoch, args, state.start_iter):
         # optionally starts a queue
         if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
             queue = torch.zeros(queue_shape, device=args.device)
 
         scores, queue = train(train_loader, model, optimizer, epoch, lr_schedule, queue, args,
-                              scaler=scaler, monitor=monitor, start_iter=start_iter, state=state)
-        tb.scalars(epoch, "swav", loss=scores[1], lr=optimizer.param_groups[0]["lr"],
-                   prototypes_in_use=monitor.share_in_use())
+                              precision=precision, monitor=monitor, start_iter=state.start_iter,
+                              state=state)
 
         # save checkpoints: every rank's queue goes in the checkpoint (and, as in the
         # original, in a per-rank queue file)
         extra = {}
         if queue is not None:
             extra["queue"] = gather_to_rank0(queue)
-            atomic_save({"queue": queue, "epoch": epoch + (0 if state.get("stopped_at") else 1)},
+            atomic_save({"queue": queue, "epoch": epoch + (0 if state.cut else 1)},
                         queue_path(args))
-        # stats row; checkpoint (mid-epoch if a stop request cut the epoch); requeue and exit
-        end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state, extra)
-        start_iter, state = 0, {}
+        # stats row and TensorBoard (a whole epoch only); checkpoint (mid-epoch if a stop
+        # request cut the epoch); requeue and exit
+        end_epoch(args, epoch, model, optimizer, precision.scaler, training_stats, scores, state,
+                  extra,
+                  tb=tb, scalars=("swav", dict(loss=scores[1], lr=optimizer.param_groups[0]["lr"],
+                                               prototypes_in_use=monitor.share_in_use())))
+        state = EpochState()
     tb.close()
     return training_stats
 

@@ -8,6 +8,8 @@
 import functools
 import logging
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -79,3 +81,60 @@ def scaler_state_from_apex(amp_state):
     scale = float(amp_state["loss_scaler0"].get("loss_scale", 2.0 ** 16))
     return {"scale": scale, "growth_factor": 2.0, "backoff_factor": 0.5,
             "growth_interval": 2000, "_growth_tracker": 0}
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts optimiser steps skipped for a non-finite loss or gradient under an fp16 loss
+    scaler; `max_steps` (--max_nonfinite_steps) in a row mean the run diverged (the scale only
+    keeps halving): stop."""
+
+    def __init__(self, max_steps):
+        if max_steps < 1:
+            raise UsageError(f"--max_nonfinite_steps must be >= 1, got {max_steps}")
+        self.max_steps, self.consecutive, self.total = max_steps, 0, 0
+
+    def record(self, skipped, iteration, loss, scale):
+        if not skipped:
+            self.consecutive = 0
+            return
+        self.consecutive += 1
+        self.total += 1
+        logger.debug(f"iteration {iteration}: non-finite values, step skipped (loss {loss}, "
+                     f"loss scale now {scale:g})")
+        if self.consecutive >= self.max_steps:
+            raise NonFiniteLossError(
+                f"{self.consecutive} consecutive steps skipped for a non-finite loss or gradient "
+                f"under the fp16 loss scaler, the last at iteration {iteration} (loss {loss}, "
+                f"scale now {scale:g}): stopping (--max_nonfinite_steps {self.max_steps}; the "
+                "last checkpoint was not overwritten)")
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The run's precision, decided once from --use_fp16 / --amp_dtype / --max_nonfinite_steps
+    and the device, then passed along: the autocast dtype of the forward passes (None: fp32),
+    the loss scaler (enabled only for fp16 on CUDA, or when the caller gives an enabled one) and,
+    on the scaler, the guard against endless skipped steps (`scaler.nonfinite_guard`)."""
+    device: torch.device
+    dtype: Optional[torch.dtype]
+    scaler: torch.amp.GradScaler
+    reason: str
+
+    @classmethod
+    def from_args(cls, args, device, scaler=None):
+        """`scaler`: use this one (e.g. a test's CPU GradScaler) instead of making one; it gets
+        a guard from --max_nonfinite_steps unless it has one."""
+        device = torch.device(device)
+        dtype, use_scaler, reason = resolve_amp(args.use_fp16, args.amp_dtype, device)
+        scaler = make_scaler(use_scaler, device) if scaler is None else scaler
+        if getattr(scaler, "nonfinite_guard", None) is None:
+            scaler.nonfinite_guard = NonFiniteGuard(args.max_nonfinite_steps)
+        return cls(device, dtype, scaler, reason)
+
+    def autocast(self):
+        """The forward passes' context: autocast to `dtype`, or nothing in fp32."""
+        return autocast(self.device, self.dtype)

@@ -448,7 +448,7 @@ def check_resume_flags(saved, args, path):
     if old_global != new_global:
         same = (f"--batch_size {old_global // args.world_size} on {_processes(args.world_size)}"
                 if old_global % args.world_size == 0 else _processes(old_ws))
-        if not getattr(args, "allow_batch_change", False):
+        if not args.allow_batch_change:
             raise CheckpointError(
                 f"{path}: the global batch would change from {old_global} (--batch_size {old_bs} "
                 f"x {_processes(old_ws)}) to {new_global} (--batch_size {args.batch_size} x "

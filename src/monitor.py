@@ -86,8 +86,8 @@ class CollapseMonitor:
 
     @classmethod
     def from_args(cls, args, nmb_prototypes, start_iter=0, **kw):
-        return cls(nmb_prototypes, patience=getattr(args, "collapse_patience", 200),
-                   stop=getattr(args, "stop_on_collapse", False), start_iter=start_iter, **kw)
+        return cls(nmb_prototypes, patience=args.collapse_patience, stop=args.stop_on_collapse,
+                   start_iter=start_iter, **kw)
 
     def _reset_epoch(self):
         self.loss_sum, self.loss_n = 0.0, 0
@@ -104,7 +104,7 @@ class CollapseMonitor:
         -100 for unassigned samples) are ignored. Nothing here synchronises the device except
         reading the loss (and one scalar all-reduce per call when stop=True and distributed).
         loss None: only the codes/assignments (no sync); the training loops give the losses
-        later, as numbers (src/engine.py EpochProgress reads them once per log interval).
+        later, as numbers (src/progress.py EpochProgress reads them once per log interval).
         """
         for i, q in enumerate(_as_list(codes)):
             h = i if len(self.ks) > 1 else 0

@@ -21,6 +21,7 @@ from src import kmeans, preemption
 from src.engine import EpochProgress, gather_to_rank0
 from src.evaluation import ClassificationMeter, knn_classify
 from src.monitor import CollapseMonitor
+from src.runstate import EpochState
 from src.sinkhorn import distributed_sinkhorn
 
 
@@ -173,7 +174,7 @@ def test_meters_gathers_and_preemption_under_nccl(nccl, monkeypatch, tmp_path):
     try:
         preemption._state.installed, preemption._state.received = True, "SIGUSR1"
         args = argparse.Namespace(rank=0, world_size=2, log_freq=50, dump_path=str(tmp_path))
-        state = {}
+        state = EpochState()
         progress = EpochProgress([0, 1, 2], 0, args, state=state)
         for it, _, _ in progress:
             progress.update(it, 1.5, 4, 0.1)

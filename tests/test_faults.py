@@ -256,7 +256,7 @@ def test_unreadable_images_counted_across_loader_workers(tmp_path, image_folder,
     try:
         ds = MultiCropDataset(image_folder, [16], [2], [0.3], [1])
         args = argparse.Namespace(world_size=1, rank=0, seed=0, workers=2, device="cpu",
-                                  batch_size=4)
+                                  batch_size=4, log_freq=50)
         loader = build_loader(ds, args)  # 24 images, 6 batches: every file is read once
         with caplog.at_level(logging.WARNING):
             for epoch in range(2):

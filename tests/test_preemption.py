@@ -247,3 +247,30 @@ def test_ranks_agree_when_only_one_is_signalled():
         p.join(timeout=30)
         assert p.exitcode == 0
     assert results == {0: [False, True, True], 1: [False, True, True]}
+
+
+def _tensorboard_steps(logdir, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(logdir)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_a_cut_epoch_writes_no_tensorboard_scalars(uninterrupted, tmp_path, monkeypatch):
+    """TensorBoard gets an epoch's scalars as the stats file gets its row: once, for a whole
+    epoch. A stop request that cuts epoch 1 leaves epoch 0's only; the resumed run writes
+    epoch 1's once."""
+    image_folder, _ = uninterrupted
+    dump = str(tmp_path / "tb_run")
+    argv = tiny_swav_argv(image_folder, dump, EXTRA + ["--tensorboard", "true"])
+    real_loss = main_swav.swav_loss
+    _signal_at_step(monkeypatch, 4)  # epoch 1, iteration 1
+    with pytest.raises(SystemExit):
+        _main(argv)
+    assert _load(dump)["start_iter"] == 2  # cut mid-epoch
+    logdir = os.path.join(dump, "tb")
+    assert _tensorboard_steps(logdir, "swav/loss") == [0]
+    monkeypatch.setattr(main_swav, "swav_loss", real_loss)
+    preemption.reset()
+    _main(argv)
+    assert _tensorboard_steps(logdir, "swav/loss") == [0, 1]

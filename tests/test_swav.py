@@ -13,6 +13,7 @@ import main_swav
 from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
 from src.lars import LARC
 from src.resnet50 import resnet18
+from src.runstate import EpochState
 
 PY = sys.executable
 
@@ -126,7 +127,7 @@ def test_queue_fill_order_and_first_use():
     embs = []
     model.register_forward_hook(lambda m, i, o: embs.append(o[0].detach().clone()))
     queue = torch.zeros(2, 12, 16)  # 2 batches of 6
-    state = {}
+    state = EpochState()  # what train() keeps of the epoch (src/runstate.py)
     batches = _batches(3)
     lr = np.full(3, 0.01)
     for it in range(3):
@@ -236,3 +237,19 @@ def test_missing_data_and_mismatched_resume(image_folder, tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert "does not fit this model" in last and "Traceback" not in r.stderr
     assert open(os.path.join(dump, "checkpoint.pth.tar"), "rb").read() == before
+
+
+def test_queue_length_rounded_for_the_run_not_in_the_parsed_args(image_folder, tmp_path):
+    """--queue_length 20 with a global batch of 8: the run rounds it down to 16 as the original
+    (its queue holds 16 rows; params.pkl and the checkpoint's flags record 16), while the parsed
+    `args` keep the 20 they were given."""
+    import pickle
+    dump = str(tmp_path / "run")
+    args = main_swav.get_args_parser().parse_args(tiny_swav_argv(
+        image_folder, dump, ["--epochs", "1", "--queue_length", "20", "--epoch_queue_starts", "0"]))
+    main_swav.main(args)
+    assert args.queue_length == 20
+    ckp = torch.load(os.path.join(dump, "checkpoint.pth.tar"), weights_only=True)
+    assert ckp["args"]["queue_length"] == 16 and ckp["queue"].shape == (1, 2, 16, 16)
+    with open(os.path.join(dump, "params.pkl"), "rb") as f:
+        assert pickle.load(f).queue_length == 16

@@ -187,7 +187,7 @@ def test_deepclusterv2_reads_once_per_log_interval(monkeypatch):
 def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(monkeypatch):
     """A SIGTERM gives 30 s before SIGKILL: with --log_freq 100 the ranks still agree on a stop
     within STOP_CHECK_EVERY steps, not at the next log iteration."""
-    from src.engine import STOP_CHECK_EVERY, EpochProgress
+    from src.progress import STOP_CHECK_EVERY, EpochProgress
     checks = []
 
     def all_reduce(t, op=None):
