@@ -6,7 +6,7 @@ same order; their rounds alternate and each figure is the median over rounds:
   pil         the original: torchvision/PIL, ending with ToTensor + Normalize (float32, host)
   fast_float  src/fastaugment.py ending with the same float32 host normalisation
   fast        src/fastaugment.py ending with uint8 crops (the training feed: normalised on the
-              device by src/engine.py to_device)
+              device by src/data.py to_device)
 Before timing, the run checks that pil and fast_float return identical tensors under the same
 seed, and that fast's uint8 crops normalised (transforms.normalize_crops) equal them to
 1e-6. It also prints the bytes of one collated batch that cross PCIe, float32 vs uint8.

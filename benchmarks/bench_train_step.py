@@ -186,7 +186,7 @@ def run_child(args):
                                    augment=args.augment)
         source = endless(build_loader(dataset, sargs))
     else:  # the same synthetic crops every iteration, uint8 on the CPU (pinned) like a loader's:
-        # train() copies and normalises them on the device (src/engine.py to_device)
+        # train() copies and normalises them on the device (src/data.py to_device)
         crops = [torch.randint(0, 256, (args.batch_size, 3, s, s), dtype=torch.uint8)
                  for s in sizes]
         crops = [c.pin_memory() if device.startswith("cuda") else c for c in crops]

@@ -212,10 +212,10 @@ class ResNet(nn.Module):
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
         if any(x.dtype == torch.uint8 for x in inputs):
-            raise TypeError("uint8 images: normalise them first (src.engine.to_device, which the "
+            raise TypeError("uint8 images: normalise them first (src.data.to_device, which the "
                             "training loops call, or the evaluations' float transforms)")
         # one backbone pass per run of consecutive crops with the same resolution; the training
-        # loops copy the crops to the device themselves (src.engine.to_device): the .to() below
+        # loops copy the crops to the device themselves (src.data.to_device): the .to() below
         # is a no-op for them, a convenience for callers that pass CPU tensors (hub users)
         device = self.conv1.weight.device
         outputs, start = [], 0

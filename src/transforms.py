@@ -5,7 +5,7 @@ Multi-crop, as the original: RandomResizedCrop -> flip -> colour distortion (jit
 p 0.8, grayscale p 0.2) -> Gaussian blur (p 0.5, sigma ~ U[0.1, 2]) -> ToTensor -> Normalize
 (std 0.228, not torchvision's 0.229: kept as in the original). The crops leave the loader as
 uint8 (a quarter of float32's bytes across PCIe, and no float work in the loader workers):
-`normalize_crops` (called on the device by src/engine.py `to_device`) does ToTensor's /255 and
+`normalize_crops` (called on the device by src/data.py `to_device`) does ToTensor's /255 and
 Normalize there, with the same float32 operations, so the values are the original's.
 
 Randomness comes from torch's RNG only (the original drew the blur coin from numpy, which repeats
@@ -199,7 +199,7 @@ def simsiam_transform(size=224, min_scale=0.2, max_scale=1.0, blur="pil", augmen
                       host_normalize=False):
     """SimSiam's (= MoCo v2's) augmentation: crop, jitter 0.4/0.4/0.4/0.1 with p 0.8, grayscale
     p 0.2, blur p 0.5, flip, then uint8 out (normalised with this project's mean/std on the
-    device, src/engine.py to_device), or host_normalize=True: ToTensor + Normalize here.
+    device, src/data.py to_device), or host_normalize=True: ToTensor + Normalize here.
 
     augment="pil": the original's torchvision pipeline, in its order. "fast" (default):
     src/fastaugment.py with half of SwAV's jitter strength, i.e. the same jitter; it draws the
