@@ -188,6 +188,7 @@ def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(mo
     """A SIGTERM gives 30 s before SIGKILL: with --log_freq 100 the ranks still agree on a stop
     within STOP_CHECK_EVERY steps, not at the next log iteration."""
     from src.progress import STOP_CHECK_EVERY, EpochProgress
+    from src.runstate import EpochState
     checks = []
 
     def all_reduce(t, op=None):
@@ -200,7 +201,7 @@ def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(mo
     preemption.install()
     try:
         args = argparse.Namespace(rank=0, world_size=2, log_freq=100)
-        progress = EpochProgress(list(range(40)), 0, args, state={})
+        progress = EpochProgress(list(range(40)), 0, args, state=EpochState())
         for it, _, _ in progress:
             progress.update(it, 1.0, 4, 0.1)
             if it == 13:
