@@ -77,6 +77,30 @@ def tiny_swav_argv(data, dump, extra=()):
             "--arch", "resnet18", "--width", "8", "--cifar_stem", "true", *extra]
 
 
+LAUNCHER_ENV = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE")
+
+
+@pytest.fixture
+def no_launcher(monkeypatch):
+    """A plain process: no Slurm job or torchrun variables (tests run inside a Slurm job or under
+    a launcher must not change what main() does), no stop signal pending."""
+    from src import preemption
+    for var in LAUNCHER_ENV:
+        monkeypatch.delenv(var, raising=False)
+    preemption.reset()
+
+
+@pytest.fixture
+def one_thread(monkeypatch):
+    """One torch thread, here and in subprocesses: tiny models are all per-op overhead, and on a
+    shared CPU the OpenMP threads of a parallel op wait for each other (10x slower with 2)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _signal_handlers_back():
     """A main() run in the test process installs its stop-signal handlers (src/preemption.py):

@@ -25,19 +25,7 @@ from src.resnet50 import resnet18
 PROTOTYPES = ["--nmb_prototypes", "6", "5", "4"]
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the subprocesses
-    # one thread: these tiny models are all per-op overhead, and on a shared CPU the OpenMP
-    # threads of a parallel op wait for each other (10x slower here with 2)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    preemption.reset()
-    yield
-    preemption.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_launcher", "one_thread")  # conftest.py
 
 
 def _argv(data, dump, extra=()):

@@ -13,13 +13,12 @@ import sys
 
 import pandas as pd
 import pytest
-import torch
 
 import main_deepclusterv2
 import main_simsiam
 import main_swav
 from conftest import ROOT, make_image_folder, make_split_folder, tiny_swav_argv
-from src import imagelist, preemption
+from src import imagelist
 from src.evaluation import build_eval_datasets
 from src.imagelist import DataError, find_images, read_list_file
 from src.multicropdataset import MultiCropDataset
@@ -28,16 +27,7 @@ IMAGE_LIST = "image_list.txt"  # src.engine.IMAGE_LIST, written into --dump_path
 KW = dict(size_crops=[16], nmb_crops=[2], min_scale_crops=[0.3], max_scale_crops=[1])
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    preemption.reset()
-    yield
-    preemption.reset()
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("no_launcher", "one_thread")  # conftest.py
 
 
 # ----------------------------------------------------------------------------- the layouts

@@ -19,13 +19,7 @@ from conftest import ROOT, make_image_folder, tiny_swav_argv
 from src import preemption
 
 
-@pytest.fixture(autouse=True)
-def _clean(monkeypatch):
-    for var in ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE"):
-        monkeypatch.delenv(var, raising=False)
-    preemption.reset()
-    yield
-    preemption.reset()
+pytestmark = pytest.mark.usefixtures("no_launcher")  # conftest.py
 
 
 def _main(argv):
