@@ -25,6 +25,22 @@ def free_port():
         return s.getsockname()[1]
 
 
+def fork_ranks(target, *args, world=2, timeout=60):
+    """Run target(rank, port, *args, queue) in `world` forked processes (no re-import of torch:
+    quick) on a free port; each puts one (rank, result) in the queue. Returns ({rank: result},
+    [exit codes])."""
+    import multiprocessing as mp
+    ctx = mp.get_context("fork")
+    out, port = ctx.Queue(), free_port()
+    procs = [ctx.Process(target=target, args=(r, port, *args, out)) for r in range(world)]
+    for p in procs:
+        p.start()
+    results = dict(out.get(timeout=timeout) for _ in procs)
+    for p in procs:
+        p.join(timeout=30)
+    return results, [p.exitcode for p in procs]
+
+
 def make_image_folder(root, classes=3, per_class=8, size=40, seed=0):
     """A tiny ImageFolder of textured random JPEGs: root/class_k/img_i.jpg."""
     rng = np.random.default_rng(seed)

@@ -13,9 +13,8 @@ import time
 import pandas as pd
 import pytest
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from conftest import ROOT, tiny_swav_argv
+from conftest import ROOT, fork_ranks, tiny_swav_argv
 from src import lock
 from src.cli import run_main
 from src.utils import initialize_exp
@@ -129,18 +128,8 @@ def test_two_ranks_both_exit_when_rank0_cannot_take_the_lock(tmp_path):
     dump = str(tmp_path / "run")
     assert lock.acquire(dump)  # this process is the live run
     try:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        ctx = mp.get_context("fork")  # no re-import of torch: quick
-        out = ctx.Queue()
-        procs = [ctx.Process(target=_rank, args=(r, port, dump, out)) for r in range(2)]
-        for p in procs:
-            p.start()
-        results = dict(out.get(timeout=60) for _ in procs)
-        for p in procs:
-            p.join(timeout=30)
-            assert p.exitcode == 1
+        results, codes = fork_ranks(_rank, dump)
+        assert codes == [1, 1]
     finally:
         lock.release(dump)
     assert results[0] == results[1], results  # the same line on every rank

@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import main_swav
-from conftest import ROOT, make_image_folder, tiny_swav_argv
+from conftest import ROOT, fork_ranks, make_image_folder, tiny_swav_argv
 from src import preemption
 
 
@@ -227,19 +226,8 @@ def _agree(rank, port, signalled, out):
 
 
 def test_ranks_agree_when_only_one_is_signalled():
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # no re-import of torch: quick
-    out = ctx.Queue()
-    procs = [ctx.Process(target=_agree, args=(r, port, {1}, out)) for r in range(2)]
-    for p in procs:
-        p.start()
-    results = dict(out.get(timeout=60) for _ in procs)
-    for p in procs:
-        p.join(timeout=30)
-        assert p.exitcode == 0
+    results, codes = fork_ranks(_agree, {1})
+    assert codes == [0, 0]
     assert results == {0: [False, True, True], 1: [False, True, True]}
 
 
