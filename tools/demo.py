@@ -252,10 +252,14 @@ def main(argv=None):
     total = time.time() - t0
     summary = write_summary(
         os.path.join(run_dir, "summary.json"), total_s=round(total, 1),
-        trained_linear=lin_s, trained_knn=knn_s, untrained_linear=lin_u, untrained_knn=knn_u,
-        pixels_linear=lin_p, pixels_knn=knn_p, cluster_nmi=clusters["nmi"],
-        pixels_kmeans_nmi=pixels["nmi"], cluster_ari=clusters["ari"],
-        pixels_kmeans_ari=pixels["ari"], cluster_mode=clusters["mode"],
+        **{k: round(v, 2) for k, v in (("trained_linear", lin_s), ("trained_knn", knn_s),
+                                         ("untrained_linear", lin_u), ("untrained_knn", knn_u),
+                                         ("pixels_linear", lin_p), ("pixels_knn", knn_p))},
+        **{k: round(v, 4) for k, v in (("cluster_nmi", clusters["nmi"]),
+                                         ("pixels_kmeans_nmi", pixels["nmi"]),
+                                         ("cluster_ari", clusters["ari"]),
+                                         ("pixels_kmeans_ari", pixels["ari"]))},
+        cluster_mode=clusters["mode"],
         clusters=clusters["clusters"], pretrain_s=round(t_pre, 1), epochs=epochs)
     print(f"\n  total time {total:.0f}s")
     print(f"  checkpoint: {checkpoint}")
