@@ -71,8 +71,10 @@ SIZES = ["--resize", "32", "--center_crop", "32"]
 LINEAR = ["--cache_features", "true", "--train_crop", "32", "--epochs", "100",
           "--batch_size", "256", "--lr", "0.03", "--wd", "1e-6", "--log_freq", "1000"]
 KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
-# the val images to the prototypes, near-equal sizes (Sinkhorn, as in training): all K clusters used
-CLUSTERS = ["--mode", "balanced", "--thumb_size", "32", "--overview_clusters", "20",
+# each val image to its nearest trained prototype (argmax; measured: NMI 0.502, ARI 0.230 against
+# 0.464 / 0.091 with --mode balanced, whose near-equal sizes split classes into 10-image clusters);
+# raw-pixel k-means gets all K = 100 clusters, argmax leaves some prototypes empty
+CLUSTERS = ["--mode", "argmax", "--thumb_size", "32", "--overview_clusters", "20",
             "--batch_size", "256"]
 WORKERS = 2
 # one torch thread per step: on 2 cores busy with anything else (the data workers too), two
