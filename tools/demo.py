@@ -77,9 +77,10 @@ KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
 CLUSTERS = ["--mode", "argmax", "--thumb_size", "32", "--overview_clusters", "20",
             "--batch_size", "256"]
 WORKERS = 2
-# one torch thread per step: on 2 cores busy with anything else (the data workers too), two
-# OpenMP threads wait on each other (measured 5x slower per iteration, README "Demo")
-THREADS = 1
+# torch's default threads (0): 1.7x faster per iteration than one thread on an idle 2-core AVX2
+# CPU; on cores busy with other jobs two OpenMP threads wait on each other (measured 5x slower):
+# there, --threads 1 (README "Demo")
+THREADS = 0
 
 PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss -?[\d.]+ \((-?[\d.]+)\)")
 
