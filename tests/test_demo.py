@@ -1,0 +1,80 @@
+"""tools/demo.py's pieces, without running the demo: the raw-pixel k-means baseline, the
+summary.json of a run whose steps are stubbed, and the clustering step's flags."""
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+import demo  # noqa: E402
+
+
+def blobs(n_per_class=12, classes=3, side=6, seed=0):
+    """uint8 images of `classes` well-separated mean images plus a little noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.integers(0, 256, size=(classes, side, side))
+    labels = np.repeat(np.arange(classes), n_per_class)
+    noise = rng.normal(0, 4, size=(len(labels), side, side))
+    return np.clip(means[labels] + noise, 0, 255).astype(np.uint8), labels
+
+
+def test_pixel_kmeans_recovers_separated_classes_and_not_shuffled_labels():
+    images, labels = blobs()
+    found = demo.pixel_kmeans(images, labels, k=3)
+    assert found["nmi"] == pytest.approx(1.0) and found["ari"] == pytest.approx(1.0)
+    shuffled = np.random.default_rng(1).permutation(labels)
+    assert demo.pixel_kmeans(images, shuffled, k=3)["nmi"] < 0.3
+    # the same K as asked: more clusters than classes split them, purity stays 1
+    more = demo.pixel_kmeans(images, labels, k=6)
+    assert more["purity"] == pytest.approx(1.0) and more["nmi"] < 1.0
+
+
+def test_stubbed_run_writes_summary_json(tmp_path, monkeypatch, capsys):
+    """Every step stubbed: summary.json holds the issue's keys with the steps' numbers, and the
+    console prints the margins and the contact-sheet overview's path."""
+    evals = {"swav": (84.0, 82.5), "untrained": (74.0, 73.0), "pixels": (80.0, 78.5)}
+    calls = []
+    monkeypatch.setattr(demo.make_demo_data, "export", lambda *a, **k: 0)
+    monkeypatch.setattr(demo, "pretrain", lambda *a: 12.5)
+    monkeypatch.setattr(demo, "evaluate", lambda data, dump, *a: (
+        *evals[os.path.basename(dump)], 1.0))
+    monkeypatch.setattr(demo.plot_stats, "plot", lambda d: os.path.join(d, "plot.png"))
+
+    def cluster(data, dump, checkpoint, model_args, workers, tensorboard):
+        calls.append(checkpoint)
+        return {"mode": "balanced", "clusters": 7, "non_empty": 7, "nmi": 0.61, "ari": 0.4,
+                "overview": os.path.join(dump, "overview.png")}
+    monkeypatch.setattr(demo, "cluster", cluster)
+    monkeypatch.setattr(demo, "pixel_kmeans", lambda x, y, k: (
+        calls.append(k) or {"nmi": 0.5, "ari": 0.3, "purity": 0.6}))
+    demo.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
+               "--tensorboard", "false"])
+    run_dir = tmp_path / "run" / "swav"
+    assert calls == [str(run_dir / "checkpoint.pth.tar"), 7]  # pixels get the same K
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert list(summary)[:len(demo.SUMMARY_KEYS)] == list(demo.SUMMARY_KEYS)
+    assert (summary["trained_linear"], summary["trained_knn"]) == (84.0, 82.5)
+    assert (summary["untrained_linear"], summary["untrained_knn"]) == (74.0, 73.0)
+    assert (summary["pixels_linear"], summary["pixels_knn"]) == (80.0, 78.5)
+    assert (summary["cluster_nmi"], summary["pixels_kmeans_nmi"]) == (0.61, 0.5)
+    assert 0 <= summary["total_s"] < 60 and summary["clusters"] == 7
+    out = capsys.readouterr().out
+    assert "raw pixels: linear +4.0, k-NN +4.0" in out and "NMI +0.110" in out
+    assert str(run_dir / "clusters" / "overview.png") in out
+
+
+def test_summary_refuses_missing_keys(tmp_path):
+    with pytest.raises(ValueError, match="cluster_nmi"):
+        demo.write_summary(str(tmp_path / "s.json"), **{k: 0 for k in demo.SUMMARY_KEYS
+                                                        if k != "cluster_nmi"})
+
+
+def test_cluster_flags_parse_with_assign_clusters():
+    import assign_clusters
+    args = assign_clusters.get_args_parser().parse_args(
+        ["--data_path", "d", "--pretrained", "c", *demo.SIZES, *demo.BACKBONE, *demo.CLUSTERS])
+    assert args.mode in ("balanced", "argmax") and args.center_crop == 32
