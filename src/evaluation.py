@@ -275,7 +275,7 @@ def build_frozen_backbone(args, image_size):
                                cifar_stem=args.cifar_stem, width=args.width or None)
         load_backbone_weights(model, args.pretrained, args.allow_missing_keys)
     model = model.to(args.device).eval()
-    if getattr(args, "channels_last", True):  # as engine.prepare_model: NHWC convolutions
+    if args.channels_last:  # as engine.prepare_model: NHWC convolutions
         model = model.to(memory_format=torch.channels_last)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -285,8 +285,7 @@ def build_frozen_backbone(args, image_size):
 def forward_autocast(model, inp, args):
     """model(inp) on args.device, under autocast when --use_fp16 (bf16/fp16 by device)."""
     device = torch.device(args.device)
-    dtype, _, _ = resolve_amp(getattr(args, "use_fp16", False), getattr(args, "amp_dtype", "auto"),
-                              device)
+    dtype, _, _ = resolve_amp(args.use_fp16, args.amp_dtype, device)
     with autocast(device, dtype):
         return model(inp.to(device, non_blocking=True))
 
@@ -378,8 +377,7 @@ class ClassificationMeter:
 def eval_scaler(args):
     """A GradScaler, enabled where --use_fp16 means fp16 autocast (CUDA): without it small
     gradients of the fine-tuned network or the linear head underflow to zero."""
-    _, use_scaler, _ = resolve_amp(getattr(args, "use_fp16", False),
-                                   getattr(args, "amp_dtype", "auto"), args.device)
+    _, use_scaler, _ = resolve_amp(args.use_fp16, args.amp_dtype, args.device)
     return make_scaler(use_scaler, args.device)
 
 
