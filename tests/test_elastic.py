@@ -21,7 +21,7 @@ from conftest import free_port, tiny_swav_argv
 from src import distributed as du
 from src import preemption
 from src.checkpoint import (CheckpointError, check_resume_flags, map_start_iter, merge_shards,
-                            reshard, split_shards)
+                            reshard, safe_load, split_shards)
 
 ENV = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE", "LOCAL_RANK",
        "MASTER_ADDR", "MASTER_PORT")
@@ -203,8 +203,7 @@ def _run(module, argv, world, stop_step=-1):
 
 
 def _load(dump):
-    return torch.load(os.path.join(dump, "checkpoint.pth.tar"), map_location="cpu",
-                      weights_only=True)
+    return safe_load(os.path.join(dump, "checkpoint.pth.tar"))
 
 
 def _stats(dump, rank=0):

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import main_deepclusterv2 as dc
 from conftest import free_port, tiny_swav_argv
 from src import preemption
+from src.checkpoint import safe_load
 from src.evaluation import knn_classify, merge_topk
 
 COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "gather")
@@ -56,8 +57,7 @@ def test_a_deepclusterv2_epoch_ends_under_the_group(group, image_folder, tmp_pat
     assert len(stats.stats) == 1  # the epoch's row: clustering, training, monitor, checkpoint
     assert {name for name, _ in seen} == set(COLLECTIVES)
     assert {dev for _, dev in seen} == {device}  # nothing on another device reached the backend
-    saved = torch.load(tmp_path / "dc" / "checkpoint.pth.tar", map_location="cpu",
-                       weights_only=True)
+    saved = safe_load(str(tmp_path / "dc" / "checkpoint.pth.tar"))
     assert saved["memory_bank"]["embeddings"].shape[0] == 1  # rank 0's bank, gathered
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import main_swav
 from conftest import ROOT, fork_ranks, make_image_folder, tiny_swav_argv
 from src import preemption
+from src.checkpoint import safe_load
 
 
 pytestmark = pytest.mark.usefixtures("no_launcher")  # conftest.py
@@ -51,8 +52,7 @@ def _fake_scontrol(tmp_path, monkeypatch, status=0):
 
 
 def _load(dump):
-    return torch.load(os.path.join(dump, "checkpoint.pth.tar"), map_location="cpu",
-                      weights_only=True)
+    return safe_load(os.path.join(dump, "checkpoint.pth.tar"))
 
 
 # 24 images, batch 8, one process: 3 iterations per epoch; the queue (2 batches) fills in
