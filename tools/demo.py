@@ -6,11 +6,14 @@ network: the data ships in data/fashion_mnist_subset.npz.
 
     python tools/demo.py [--method swav|deepclusterv2|simsiam] [--out demo_run] [--epochs N]
 
-Each step runs the repository's own entry points (main_*.py, eval_linear.py, eval_knn.py,
-assign_clusters.py) as a subprocess; their full logs stay in the run folders, the console shows
+Each step runs the repository's own entry points: the pre-training (main_*.py) as a subprocess,
+the evaluations (eval_linear.py, eval_knn.py, assign_clusters.py) through their main() in this
+process, to save their start-up time. Their full logs stay in the run folders, the console shows
 progress and the table, and demo_run/<method>/summary.json holds the numbers.
 """
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import re
@@ -27,7 +30,9 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 import make_demo_data  # noqa: E402
 import plot_stats  # noqa: E402
 sys.path.insert(0, ROOT)
+from src.cli import check_shared_args  # noqa: E402
 from src.clusters import cluster_metrics  # noqa: E402
+from src import distributed as du  # noqa: E402
 
 # the small backbone, shared by pre-training and evaluation
 BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "16"]
@@ -101,6 +106,33 @@ def run(cmd, log_path, on_line=None):
                  f"{log_path}:\n" + "\n".join(tail))
 
 
+def run_in_process(script, argv, log_path):
+    """Run entry point `script`'s main(args) in this process, console output to `log_path`.
+
+    The evaluations run here, not as subprocesses: each python + torch + torchvision start-up
+    costs about 5 s of CPU on a 2-core AVX2 machine (more on a busy one), six of them a tenth of
+    the demo's budget. The log files in the run folder are the entry point's own, as from the
+    command line; `error: ...` ends the demo as run() does."""
+    module = importlib.import_module(os.path.splitext(script)[0])
+    parser = argparse.ArgumentParser(script, parents=[module.get_args_parser()])
+    args = parser.parse_args(argv)
+    with open(log_path, "w") as log, contextlib.redirect_stdout(log), \
+            contextlib.redirect_stderr(log):
+        try:
+            check_shared_args(args)
+            module.main(args)
+            failed = None
+        except Exception as e:  # noqa: BLE001 -- reported with the log's end, as run() does
+            import traceback
+            traceback.print_exc()
+            failed = e
+        finally:
+            du.destroy()
+    if failed is not None:
+        tail = open(log_path).read().strip().splitlines()[-15:]
+        sys.exit(f"error: {script} failed ({failed!r}); end of {log_path}:\n" + "\n".join(tail))
+
+
 def pretrain(method, data, dump, epochs, workers, tensorboard):
     niter = image_count(os.path.join(data, "train")) // int(COMMON[COMMON.index("--batch_size") + 1])
     total = niter * epochs
@@ -134,8 +166,9 @@ def evaluate(data, dump, model_args, workers, tensorboard):
     os.makedirs(dump, exist_ok=True)
     common = ["--data_path", data, "--dump_path", dump, "--workers", str(workers),
               "--use_fp16", "true", "--tensorboard", tensorboard, *SIZES, *model_args]
-    run(["eval_linear.py", *common, *LINEAR], os.path.join(dump, "console_eval_linear.log"))
-    run(["eval_knn.py", *common, *KNN], os.path.join(dump, "console_eval_knn.log"))
+    run_in_process("eval_linear.py", [*common, *LINEAR],
+                   os.path.join(dump, "console_eval_linear.log"))
+    run_in_process("eval_knn.py", [*common, *KNN], os.path.join(dump, "console_eval_knn.log"))
     linear = pd.read_pickle(os.path.join(dump, "stats_eval_linear0.pkl"))["prec1_val"].iloc[-1]
     knn = pd.read_pickle(os.path.join(dump, "stats_eval_knn0.pkl"))["top1"].iloc[-1]
     return float(linear), float(knn), time.time() - start
@@ -145,9 +178,10 @@ def cluster(data, dump, checkpoint, model_args, workers, tensorboard):
     """The val images assigned to the trained network's prototypes (assign_clusters.py,
     CLUSTERS): its metrics.json, with the overview's path."""
     os.makedirs(dump, exist_ok=True)
-    run(["assign_clusters.py", "--data_path", os.path.join(data, "val"), "--dump_path", dump,
-         "--pretrained", checkpoint, "--workers", str(workers), "--tensorboard", tensorboard,
-         *SIZES, *model_args, *CLUSTERS], os.path.join(dump, "console_assign_clusters.log"))
+    run_in_process("assign_clusters.py", [
+        "--data_path", os.path.join(data, "val"), "--dump_path", dump, "--pretrained", checkpoint,
+        "--workers", str(workers), "--tensorboard", tensorboard, *SIZES, *model_args, *CLUSTERS],
+        os.path.join(dump, "console_assign_clusters.log"))
     with open(os.path.join(dump, "metrics.json")) as f:
         return {**json.load(f), "overview": os.path.join(dump, "overview.png")}
 
@@ -193,8 +227,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     method = METHODS[args.method]
     epochs = args.epochs or method.epochs
-    if args.threads > 0:  # the subprocesses inherit it
+    if args.threads > 0:  # the pre-training subprocess inherits it; the evaluations run here
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        import torch
+        torch.set_num_threads(args.threads)
     t0 = time.time()
 
     # 1. the embedded subset as an ImageFolder (train/, val/; 32x32 RGB PNGs)
