@@ -39,7 +39,7 @@ def run_main(main, parser):
 
 def check_shared_args(args):
     """One-line errors for the flags every entry point shares, before any work."""
-    if getattr(args, "width", 0) < 0:  # 0 is the arch's default; a negative one fails in a conv
+    if args.width < 0:  # 0 is the arch's default; a negative one fails in a conv
         raise UsageError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
                          f"{args.width}")
 

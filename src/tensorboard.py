@@ -27,7 +27,7 @@ class TensorBoard:
         self.writer = None
         self.logdir = os.path.join(args.dump_path, "tb", subdir) if subdir else \
             os.path.join(args.dump_path, "tb")
-        if not getattr(args, "tensorboard", False) or getattr(args, "rank", 0) != 0:
+        if not args.tensorboard or args.rank != 0:
             return
         writer_class = _summary_writer_class()
         if writer_class is None:

@@ -84,10 +84,10 @@ def test_larc_is_foreach_by_default():
 
 # ----------------------------------------------------------------------------- channels_last
 def test_prepare_model_channels_last_by_default_and_state_dict_stays_nchw():
-    model = prepare_model(tiny_model(), tiny_args(channels_last=True))
+    model = prepare_model(tiny_model(), tiny_args(channels_last=True), "none")
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(v.is_contiguous() for v in model_state_dict(model).values())
-    plain = prepare_model(tiny_model(), tiny_args(channels_last=False))
+    plain = prepare_model(tiny_model(), tiny_args(channels_last=False), "none")
     assert plain.conv1.weight.is_contiguous()
     args = main_swav.get_args_parser().parse_args([])
     assert args.channels_last is True
@@ -97,7 +97,7 @@ def test_channels_last_forward_backward_match_nchw():
     x = crops()
     outs = []
     for cl in (False, True):
-        model = prepare_model(tiny_model(), tiny_args(channels_last=cl))
+        model = prepare_model(tiny_model(), tiny_args(channels_last=cl), "none")
         emb, out = model(x)
         out.square().sum().backward()
         outs.append((emb, out, model.conv1.weight.grad, model.layer4[0].conv1.weight.grad))
@@ -107,7 +107,7 @@ def test_channels_last_forward_backward_match_nchw():
 
 # ----------------------------------------------------------------------------- whole step
 def run_steps(args, model_seed=0, iters=2):
-    model = prepare_model(tiny_model(model_seed), args)
+    model = prepare_model(tiny_model(model_seed), args, "none")
     optimizer = build_larc_sgd(model, args)
     optimizer.foreach = getattr(args, "foreach", True)
     scaler = setup_precision(args)
@@ -131,7 +131,7 @@ def test_bf16_step_close_to_fp32_step():
     for name, over in [("fp32", dict(use_fp16=False)),
                        ("bf16", dict(use_fp16=True, amp_dtype="bfloat16", channels_last=True))]:
         args = tiny_args(**over)
-        model = prepare_model(tiny_model(), args)
+        model = prepare_model(tiny_model(), args, "none")
         with main_swav.forward_context(model, args):
             emb, out = model(crops())
         assert out.dtype == (torch.bfloat16 if name == "bf16" else torch.float32)

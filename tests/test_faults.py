@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 import main_swav
-from conftest import ROOT, free_port, make_image_folder, tiny_swav_argv
+from conftest import ROOT, entry_args, free_port, make_image_folder, tiny_swav_argv
 from src.checkpoint import CheckpointError, remove_stale_tmp_files, safe_load
 from src.cli import run_main
 from src.engine import (EpochProgress, NonFiniteGuard, NonFiniteLossError, backward_and_step,
@@ -255,8 +255,8 @@ def test_unreadable_images_counted_across_loader_workers(tmp_path, image_folder,
     logging.getLogger().addHandler(handler)
     try:
         ds = MultiCropDataset(image_folder, [16], [2], [0.3], [1])
-        args = argparse.Namespace(world_size=1, rank=0, seed=0, workers=2, device="cpu",
-                                  batch_size=4, log_freq=50)
+        args = entry_args("main_swav", ["--seed", "0", "--workers", "2", "--batch_size", "4"],
+                          world_size=1, rank=0, device="cpu")
         loader = build_loader(ds, args)  # 24 images, 6 batches: every file is read once
         with caplog.at_level(logging.WARNING):
             for epoch in range(2):
