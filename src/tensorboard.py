@@ -21,7 +21,8 @@ def _summary_writer_class():
 
 
 class TensorBoard:
-    """add_scalar-style logging to `dump_path/tb[/subdir]` on rank 0 when args.tensorboard."""
+    """add_scalar-style logging to `dump_path/tb[/subdir]` when args.tensorboard, on rank 0:
+    `args.rank` as src/distributed.py init_distributed_mode set it (built after it)."""
 
     def __init__(self, args, subdir=""):
         self.writer = None

@@ -22,7 +22,7 @@ from src.evaluation import build_eval_datasets
 from src.imagelist import DataError, find_images, read_list_file
 from src.multicropdataset import MultiCropDataset
 
-IMAGE_LIST = "image_list.txt"  # src.engine.IMAGE_LIST, written into --dump_path
+IMAGE_LIST = "image_list.txt"  # src.data.IMAGE_LIST, written into --dump_path
 KW = dict(size_crops=[16], nmb_crops=[2], min_scale_crops=[0.3], max_scale_crops=[1])
 
 

@@ -3,7 +3,7 @@
 A host sync is a point where Python reads a value the device computes: `.item()`, `.tolist()`,
 `bool()`/`float()`/`int()` of a tensor (on CUDA each waits for every queued kernel), or reading a
 collective's result. Each such call is counted while `train()` runs: the default path reads the
-losses and the non-finite checks once per log interval (src/engine.py EpochProgress.flush); with
+losses and the non-finite checks once per log interval (src/progress.py EpochProgress.flush); with
 a GradScaler its own inf check adds one per step. (A CUDA -> CPU copy is a sync too, invisible
 on a CPU: `torch.cuda.set_sync_debug_mode("warn")` shows those on a GPU.)"""
 import numpy as np
