@@ -146,7 +146,8 @@ def main(args):
         raise UsageError("--arch pixels needs --train_crop equal to --center_crop")
     linear_classifier = RegLog(num_labels, args.arch, args.global_pooling, args.use_bn,
                                num_features=model.num_features)
-    linear_classifier = prepare_model(linear_classifier, args)
+    # the original converts the head's BatchNorm (--use_bn) to one global SyncBN group
+    linear_classifier = prepare_model(linear_classifier, args, sync_bn="pytorch")
 
     if args.cache_features:
         # frozen features are computed once: the head then trains on tensors

@@ -109,7 +109,7 @@ def main(args):
     model = build_backbone(args.arch, output_dim=len(train_dataset.classes),
                            cifar_stem=args.cifar_stem, width=args.width or None)
     load_backbone_weights(model, args.pretrained, args.allow_missing_keys)
-    model = prepare_model(model, args)  # SyncBN (CUDA, several processes), device, DDP
+    model = prepare_model(model, args, args.sync_bn)  # SyncBN (CUDA, ranks > 1), device, DDP
 
     # set optimizer: the head ("projection_head") gets its own learning rate
     trunk_parameters, head_parameters = [], []

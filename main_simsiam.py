@@ -169,7 +169,7 @@ def main(args):
     backbone = build_backbone(args.arch, zero_init_residual=args.zero_init_residual,
                               cifar_stem=args.cifar_stem, width=args.width or None)
     model = SimSiam(backbone, args.dim, args.pred_dim, args.proj_hidden_dim)
-    model = prepare_model(model, args)
+    model = prepare_model(model, args, args.sync_bn)
     logger.info(model)
     logger.info("Building model done.")
 

@@ -197,7 +197,7 @@ def queue_path(args):
     return os.path.join(args.dump_path, "queue" + str(args.rank) + ".pth")
 
 
-def load_queue(args, expected_shape, epoch, to_restore):
+def load_queue(args, expected_shape, to_restore):
     """This rank's queue at resume. A checkpoint of ours holds every rank's queue (saved with
     it, so always consistent): on another number of processes or batch size it is re-sharded
     (src/checkpoint.reshard: the global queue keeps its rows and their age order), and a
@@ -272,7 +272,7 @@ def main(args):
     queue_shape = (len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim)
     queue = None
     if args.queue_length > 0:
-        queue = load_queue(args, queue_shape, start_epoch, to_restore)
+        queue = load_queue(args, queue_shape, to_restore)
 
     # the loss sits near ln(K) while the prototypes are frozen: count from their release
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,

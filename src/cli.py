@@ -1,6 +1,6 @@
-"""Command-line flags that every pre-training entry point shares (names and defaults as the
-original's main_swav.py), so each main declares only its own method's flags, and the
-`__main__` block they share."""
+"""Command-line flags that the entry points share (names and defaults as the original's
+main_swav.py), so each main declares only its own method's flags, and the `__main__` block they
+share (`run_main`). Defaults live here only: code reads `args.x`, never a restated default."""
 import sys
 
 from . import distributed as du
@@ -39,7 +39,7 @@ def run_main(main, parser):
 
 def check_shared_args(args):
     """One-line errors for the flags every entry point shares, before any work."""
-    if getattr(args, "width", 0) < 0:  # 0 is the arch's default; a negative one fails in a conv
+    if args.width < 0:  # 0 is the arch's default; a negative one fails in a conv
         raise UsageError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
                          f"{args.width}")
 
@@ -93,6 +93,8 @@ def check_crops_for_assign(args):
 
 
 def add_distributed_args(parser):
+    """The process-group flags of every entry point (src/distributed.py init_distributed_mode
+    reads them and sets rank, world_size and local_rank from the launcher)."""
     parser.add_argument("--dist_url", default="env://", type=str,
                         help="url used to set up distributed training")
     parser.add_argument("--world_size", default=-1, type=int,

@@ -53,9 +53,9 @@ def _launcher_env():
 
 def init_distributed_mode(args):
     rank, world_size, local_rank, launcher = _launcher_env()
-    if getattr(args, "local_rank", 0) and launcher == "none":
+    if args.local_rank and launcher == "none":
         local_rank = args.local_rank  # legacy `--local_rank` with a hand-made environment
-    want = getattr(args, "device", "auto") or "auto"
+    want = args.device or "auto"  # `--device ""`: a script's unset variable, as auto
     use_cuda = torch.cuda.is_available() if want == "auto" else want.startswith("cuda")
     if use_cuda and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but CUDA is not available")
@@ -88,12 +88,11 @@ def init_distributed_mode(args):
             if "MASTER_ADDR" not in os.environ:
                 os.environ["MASTER_ADDR"] = _slurm_master_addr() or _one_node_master_addr()
             os.environ.setdefault("MASTER_PORT", "29500")
-        dist_url = getattr(args, "dist_url", "env://")
-        timeout = datetime.timedelta(minutes=getattr(args, "dist_timeout_min", 30))
+        timeout = datetime.timedelta(minutes=args.dist_timeout_min)
         if use_cuda:
             # a failed or timed-out NCCL collective aborts the process instead of hanging it
             os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=dist_url,
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method=args.dist_url,
                                 world_size=args.world_size, rank=args.rank, timeout=timeout)
     return args
 
@@ -202,11 +201,12 @@ def destroy():
         dist.destroy_process_group()
 
 
-def convert_sync_batchnorm(model, args):
-    """SyncBN as the original's --sync_bn: 'pytorch' (one global group) or 'apex' (groups of
-    --syncbn_process_group_size ranks, apex's grouping, done with native SyncBatchNorm).
-    Falls back to plain BatchNorm in one process or on the CPU (SyncBN refuses CPU tensors)."""
-    mode = getattr(args, "sync_bn", "pytorch")
+def convert_sync_batchnorm(model, args, mode):
+    """SyncBN as the original's --sync_bn `mode`: 'pytorch' (one global group) or 'apex' (groups
+    of --syncbn_process_group_size ranks, apex's grouping, done with native SyncBatchNorm).
+    The caller gives the mode: eval_linear has no --sync_bn flag and always converts, as the
+    original. Falls back to plain BatchNorm in one process or on the CPU (SyncBN refuses CPU
+    tensors)."""
     if mode in (None, "", "none") or get_world_size() == 1:
         return model
     if not str(args.device).startswith("cuda"):

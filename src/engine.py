@@ -31,12 +31,13 @@ from .utils import cosine_lr_schedule
 logger = logging.getLogger()
 
 
-def prepare_model(model, args):
-    """SyncBN, device, channels_last, DDP. Returns the (possibly wrapped) model.
+def prepare_model(model, args, sync_bn):
+    """SyncBN (`sync_bn`: a --sync_bn mode, src/distributed.py convert_sync_batchnorm), device,
+    channels_last, DDP. Returns the (possibly wrapped) model.
 
     channels_last (NHWC, `--channels_last`, on by default) is the layout the convolution
     libraries are fastest with (cuDNN tensor cores, oneDNN); same math, other summation order."""
-    model = du.convert_sync_batchnorm(model, args)
+    model = du.convert_sync_batchnorm(model, args, sync_bn)
     model = model.to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -54,7 +55,7 @@ def build_pretraining(args, niter_per_ep):
     model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
                            output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
                            cifar_stem=args.cifar_stem, width=args.width or None)
-    model = prepare_model(model, args)
+    model = prepare_model(model, args, args.sync_bn)
     logger.info(model)
     logger.info("Building model done.")
     optimizer = build_larc_sgd(model, args)

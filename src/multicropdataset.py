@@ -14,7 +14,7 @@ import torchvision.datasets as datasets
 from PIL import Image
 
 # IMG_EXTENSIONS, DataError and the transforms: importable from here as before
-from .imagelist import IMG_EXTENSIONS, DataError, ImageList, class_counts, find_images  # noqa: F401
+from .imagelist import IMG_EXTENSIONS, DataError, ImageList, find_images  # noqa: F401
 from .transforms import (BLURS, MEAN, STD, KernelGaussianBlur, PILRandomGaussianBlur,  # noqa: F401
                          get_color_distortion, make_blur, multicrop_transforms, normalize_crops,
                          to_tensor)
@@ -22,13 +22,6 @@ from .transforms import (BLURS, MEAN, STD, KernelGaussianBlur, PILRandomGaussian
 logger = logging.getLogger()
 
 BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
-
-
-def check_image_folder(path, what="--data_path"):
-    """Images per class of a labelled folder (the evaluations'): one-line errors for a missing
-    path, no image at all, or no class sub-folders; warnings for ignored files and empty class
-    folders (src/imagelist.py)."""
-    return class_counts(path, what)
 
 
 class SafeImageFolder(datasets.VisionDataset):

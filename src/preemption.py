@@ -15,9 +15,10 @@ Slurm job (SIGUSR1) or exit (SIGTERM, SIGINT).
   (130 = 128 + 2). A second Ctrl-C kills the process at once (the previous checkpoint stays
   loadable: every save is atomic).
 
-The handler only sets a flag. `EpochProgress` (src/engine.py) calls `should_stop()` after every
-step in one process and at each log iteration when distributed (reading the all-reduced flag is a
-host sync, taken with the losses'); it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
+The handler only sets a flag. `EpochProgress` (src/progress.py) calls `should_stop()` after every
+step in one process and, when distributed, at each log iteration and at least every
+`STOP_CHECK_EVERY` steps (reading the all-reduced flag is a host sync, taken with the losses');
+it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
 after the same step and leaves the same way, even when the signal reached the ranks at different
 moments or only some of them. The entry point then writes a checkpoint at that iteration and
 calls `exit_after_checkpoint()`.

@@ -92,7 +92,7 @@ def no_collapse_std(dim):
 
 def optimizer_groups(model, fix_pred_lr):
     """Parameters for SGD. With fix_pred_lr the predictor is a group marked `fix_lr`, which
-    `engine.set_lr` leaves at its initial rate."""
+    `step.set_lr` (src/step.py) leaves at its initial rate."""
     net = model.module if hasattr(model, "module") else model
     if not fix_pred_lr:
         return [{"params": list(net.parameters()), "fix_lr": False}]

@@ -21,13 +21,14 @@ def _summary_writer_class():
 
 
 class TensorBoard:
-    """add_scalar-style logging to `dump_path/tb[/subdir]` on rank 0 when args.tensorboard."""
+    """add_scalar-style logging to `dump_path/tb[/subdir]` when args.tensorboard, on rank 0:
+    `args.rank` as src/distributed.py init_distributed_mode set it (built after it)."""
 
     def __init__(self, args, subdir=""):
         self.writer = None
         self.logdir = os.path.join(args.dump_path, "tb", subdir) if subdir else \
             os.path.join(args.dump_path, "tb")
-        if not getattr(args, "tensorboard", False) or getattr(args, "rank", 0) != 0:
+        if not args.tensorboard or args.rank != 0:
             return
         writer_class = _summary_writer_class()
         if writer_class is None:

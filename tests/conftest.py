@@ -93,6 +93,21 @@ def tiny_swav_argv(data, dump, extra=()):
             "--arch", "resnet18", "--width", "8", "--cifar_stem", "true", *extra]
 
 
+def entry_args(entry, argv=(), **after_init):
+    """A run's args as entry point `entry` (e.g. "main_swav", "eval_linear") parses `argv`:
+    every flag there with its parser default, not a hand-made Namespace that silently lacks
+    one. `after_init` sets what src/distributed.py init_distributed_mode decides (rank,
+    world_size, device, gpu_to_work_on); any other name must be one of the parser's flags, so a
+    typo fails here instead of adding an attribute no run has."""
+    import importlib
+    args = importlib.import_module(entry).get_args_parser().parse_args(list(argv))
+    for name, value in after_init.items():
+        if not hasattr(args, name) and name != "gpu_to_work_on":
+            raise AttributeError(f"{entry} has no flag --{name}")
+        setattr(args, name, value)
+    return args
+
+
 LAUNCHER_ENV = ("SLURM_JOB_ID", "SLURM_PROCID", "SLURM_STEP_ID", "RANK", "WORLD_SIZE")
 
 

@@ -7,13 +7,11 @@ the emulated GPU by copying it into an `OnGPU` tensor. The faked collectives ref
 that is not an `OnGPU` one, i.e. one that never went to the GPU, as NCCL would. Both ranks are
 emulated as holding the same tensors: a sum doubles, a gather repeats.
 """
-import argparse
-
 import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import make_split_folder
+from conftest import entry_args, make_split_folder
 
 import eval_knn
 from src import distributed as du
@@ -173,7 +171,7 @@ def test_meters_gathers_and_preemption_under_nccl(nccl, monkeypatch, tmp_path):
     preemption.reset()
     try:
         preemption._state.installed, preemption._state.received = True, "SIGUSR1"
-        args = argparse.Namespace(rank=0, world_size=2, log_freq=50, dump_path=str(tmp_path))
+        args = entry_args("main_swav", ["--dump_path", str(tmp_path)], rank=0, world_size=2)
         state = EpochState()
         progress = EpochProgress([0, 1, 2], 0, args, state=state)
         for it, _, _ in progress:

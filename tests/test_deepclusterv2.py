@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 import main_deepclusterv2 as dc
-from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
+from conftest import ROOT, entry_args, tensorboard_scalars, tiny_swav_argv
 from src import preemption
 from src.checkpoint import CheckpointError
 from src.engine import build_larc_sgd, build_loader, build_lr_schedule, to_device
@@ -38,11 +38,8 @@ def _main(argv):
 
 
 def _args(data, **kw):
-    args = dc.get_args_parser().parse_args(_argv(data, "unused"))
-    args.rank, args.world_size, args.device = 0, 1, "cpu"
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    return entry_args("main_deepclusterv2", _argv(data, "unused"),
+                      **{"rank": 0, "world_size": 1, "device": "cpu", **kw})
 
 
 def _model(args, seed=0):

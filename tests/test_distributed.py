@@ -1,10 +1,9 @@
 """init_distributed_mode under a faked Slurm environment and faked CUDA: the GPU a task binds
 to, and the rendezvous host (never 127.0.0.1 on a multi-node job)."""
-import argparse
-
 import pytest
 import torch
 
+from conftest import entry_args
 from src import distributed as du
 
 
@@ -29,7 +28,7 @@ def fake(monkeypatch):
         monkeypatch.setattr(torch.cuda, "device_count", lambda: ngpus)
         if master:
             monkeypatch.setattr(du, "_slurm_master_addr", lambda: master)
-        return du.init_distributed_mode(argparse.Namespace(device="auto"))
+        return du.init_distributed_mode(entry_args("main_swav", ["--device", "auto"]))
     return run, seen, monkeypatch
 
 

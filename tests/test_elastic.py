@@ -17,7 +17,7 @@ import torch
 import main_deepclusterv2
 import main_simsiam
 import main_swav
-from conftest import free_port, tiny_swav_argv
+from conftest import entry_args, free_port, tiny_swav_argv
 from src import distributed as du
 from src import preemption
 from src.checkpoint import (CheckpointError, check_resume_flags, map_start_iter, merge_shards,
@@ -88,11 +88,7 @@ def test_reshard_to_another_length_keeps_the_first_rows():
 
 # ----------------------------------------------------------------------------- flags
 def _args(**kw):
-    args = main_swav.get_args_parser().parse_args([])
-    args.rank, args.world_size, args.device = 0, 1, "cpu"
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    return entry_args("main_swav", **{"rank": 0, "world_size": 1, "device": "cpu", **kw})
 
 
 def _saved(args, **kw):

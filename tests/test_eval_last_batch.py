@@ -1,15 +1,13 @@
 """The evaluations' training epochs keep the last partial batch, as the original's eval_linear
 and eval_semisup (a DataLoader without drop_last): every labelled image is trained on each
 epoch. The one exception: a last batch of one sample per process when BatchNorm layers train."""
-import argparse
-
 import pytest
 import torch
 import torch.nn as nn
 
 import eval_linear
 import eval_semisup
-from conftest import make_split_folder
+from conftest import entry_args, make_split_folder
 from src import evaluation
 from src.evaluation import tensor_loaders, train_epoch
 
@@ -27,9 +25,9 @@ def _count_samples(monkeypatch):
     return seen
 
 
-def _args(**kw):
-    return argparse.Namespace(world_size=1, rank=0, seed=0, batch_size=4, device="cpu",
-                              log_freq=50, use_fp16=False, amp_dtype="auto", **kw)
+def _args():
+    return entry_args("eval_linear", ["--seed", "0", "--batch_size", "4"], world_size=1, rank=0,
+                      device="cpu")
 
 
 def _tensors(n, dim=6):

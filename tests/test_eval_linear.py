@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import ROOT, free_port, make_image_folder, make_split_folder
+from conftest import ROOT, entry_args, free_port, make_image_folder, make_split_folder
 
 import eval_linear
 from eval_linear import RegLog
@@ -66,11 +66,8 @@ def test_reglog_takes_the_backbone_width():
 
 # ----------------------------------------------------------------------------- --pretrained
 def small_args(**kw):
-    args = eval_linear.get_args_parser().parse_args([])
-    args.arch, args.width, args.cifar_stem, args.device = "resnet18", 8, True, "cpu"
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    return entry_args("eval_linear", ["--arch", "resnet18", "--width", "8", "--cifar_stem", "true"],
+                      device="cpu", **kw)
 
 
 def test_every_checkpoint_format_loads_the_same_backbone(tmp_path):

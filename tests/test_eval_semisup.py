@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import ROOT, free_port, make_split_folder
+from conftest import ROOT, entry_args, free_port, make_split_folder
 
 import eval_semisup
 from src.evaluation import eval_scaler, read_subset_file, stratified_subset, train_epoch
@@ -124,8 +124,8 @@ def test_fine_tuning_steps_go_through_the_grad_scaler():
     """fp16 fine-tuning on CUDA needs loss scaling; on the CPU the scaler is off (bf16/fp32).
     An enabled CPU GradScaler stands in for the CUDA one: every loss is scaled, every gradient
     unscaled before the step, and a power-of-two scale leaves the steps those of no scaler."""
-    import argparse
-    args = argparse.Namespace(use_fp16=True, amp_dtype="auto", device="cpu", rank=0, log_freq=100)
+    args = entry_args("eval_semisup", ["--use_fp16", "true", "--log_freq", "100"], device="cpu",
+                      rank=0, world_size=1)
     assert not eval_scaler(args).is_enabled()
 
     class RecordingScaler(torch.amp.GradScaler):

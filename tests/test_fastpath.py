@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import main_swav
+from conftest import entry_args
 from src.checkpoint import model_state_dict
 from src.engine import build_larc_sgd, prepare_model, setup_precision
 from src.lars import LARC
@@ -28,15 +29,12 @@ def tiny_model(seed=0):
 
 
 def tiny_args(**overrides):
-    a = main_swav.get_args_parser().parse_args([])
-    a.nmb_crops, a.size_crops, a.crops_for_assign = [2, 2], [16, 8], [0, 1]
-    a.batch_size, a.nmb_prototypes, a.feat_dim = 8, 20, 16
-    a.freeze_prototypes_niters, a.queue_length = 0, 0
-    a.rank, a.world_size, a.device, a.base_lr = 0, 1, "cpu", 0.5
-    a.use_fp16, a.channels_last = False, False
-    for k, v in overrides.items():
-        setattr(a, k, v)
-    return a
+    """main_swav's args for tiny_model: one CPU process, fp32, NCHW; `overrides` are flags."""
+    tiny = dict(nmb_crops=[2, 2], size_crops=[16, 8], crops_for_assign=[0, 1], batch_size=8,
+                nmb_prototypes=20, feat_dim=16, freeze_prototypes_niters=0, queue_length=0,
+                rank=0, world_size=1, device="cpu", base_lr=0.5, use_fp16=False,
+                channels_last=False)
+    return entry_args("main_swav", **{**tiny, **overrides})
 
 
 def crops(seed=1, bs=8, sizes=(16, 16, 8, 8)):
@@ -84,10 +82,10 @@ def test_larc_is_foreach_by_default():
 
 # ----------------------------------------------------------------------------- channels_last
 def test_prepare_model_channels_last_by_default_and_state_dict_stays_nchw():
-    model = prepare_model(tiny_model(), tiny_args(channels_last=True))
+    model = prepare_model(tiny_model(), tiny_args(channels_last=True), "none")
     assert model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     assert all(v.is_contiguous() for v in model_state_dict(model).values())
-    plain = prepare_model(tiny_model(), tiny_args(channels_last=False))
+    plain = prepare_model(tiny_model(), tiny_args(channels_last=False), "none")
     assert plain.conv1.weight.is_contiguous()
     args = main_swav.get_args_parser().parse_args([])
     assert args.channels_last is True
@@ -97,7 +95,7 @@ def test_channels_last_forward_backward_match_nchw():
     x = crops()
     outs = []
     for cl in (False, True):
-        model = prepare_model(tiny_model(), tiny_args(channels_last=cl))
+        model = prepare_model(tiny_model(), tiny_args(channels_last=cl), "none")
         emb, out = model(x)
         out.square().sum().backward()
         outs.append((emb, out, model.conv1.weight.grad, model.layer4[0].conv1.weight.grad))
@@ -106,10 +104,10 @@ def test_channels_last_forward_backward_match_nchw():
 
 
 # ----------------------------------------------------------------------------- whole step
-def run_steps(args, model_seed=0, iters=2):
-    model = prepare_model(tiny_model(model_seed), args)
+def run_steps(args, model_seed=0, iters=2, foreach=True):
+    model = prepare_model(tiny_model(model_seed), args, "none")
     optimizer = build_larc_sgd(model, args)
-    optimizer.foreach = getattr(args, "foreach", True)
+    optimizer.foreach = foreach  # LARC's multi-tensor path (the default) or its reference loop
     scaler = setup_precision(args)
     batch = crops()
     (_, loss), _ = main_swav.train(ListLoader([batch] * iters), model, optimizer, 0,
@@ -119,8 +117,8 @@ def run_steps(args, model_seed=0, iters=2):
 
 def test_default_fp32_step_equals_plain_fp32_step():
     """channels_last + multi-tensor LARC (the defaults) vs NCHW + the reference loop."""
-    loss_ref, w_ref = run_steps(tiny_args(channels_last=False, foreach=False))
-    loss, w = run_steps(tiny_args(channels_last=True, foreach=True))
+    loss_ref, w_ref = run_steps(tiny_args(channels_last=False), foreach=False)
+    loss, w = run_steps(tiny_args(channels_last=True), foreach=True)
     assert abs(loss - loss_ref) <= 1e-5 * abs(loss_ref)
     assert rel(w, w_ref) < 1e-4
 
@@ -131,7 +129,7 @@ def test_bf16_step_close_to_fp32_step():
     for name, over in [("fp32", dict(use_fp16=False)),
                        ("bf16", dict(use_fp16=True, amp_dtype="bfloat16", channels_last=True))]:
         args = tiny_args(**over)
-        model = prepare_model(tiny_model(), args)
+        model = prepare_model(tiny_model(), args, "none")
         with main_swav.forward_context(model, args):
             emb, out = model(crops())
         assert out.dtype == (torch.bfloat16 if name == "bf16" else torch.float32)

@@ -19,13 +19,14 @@ import torch
 import torch.nn as nn
 
 import main_swav
-from conftest import ROOT, free_port, make_image_folder, tiny_swav_argv
+from conftest import ROOT, entry_args, free_port, make_image_folder, tiny_swav_argv
 from src.checkpoint import CheckpointError, remove_stale_tmp_files, safe_load
 from src.cli import run_main
 from src.engine import (EpochProgress, NonFiniteGuard, NonFiniteLossError, backward_and_step,
                         build_loader)
 from src.monitor import CollapseError, CollapseMonitor
-from src.multicropdataset import DataError, MultiCropDataset, check_image_folder
+from src.imagelist import class_counts
+from src.multicropdataset import DataError, MultiCropDataset
 
 PY = sys.executable
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # 2 OpenMP threads on 2 shared busy cores spin for ages
@@ -255,8 +256,8 @@ def test_unreadable_images_counted_across_loader_workers(tmp_path, image_folder,
     logging.getLogger().addHandler(handler)
     try:
         ds = MultiCropDataset(image_folder, [16], [2], [0.3], [1])
-        args = argparse.Namespace(world_size=1, rank=0, seed=0, workers=2, device="cpu",
-                                  batch_size=4, log_freq=50)
+        args = entry_args("main_swav", ["--seed", "0", "--workers", "2", "--batch_size", "4"],
+                          world_size=1, rank=0, device="cpu")
         loader = build_loader(ds, args)  # 24 images, 6 batches: every file is read once
         with caplog.at_level(logging.WARNING):
             for epoch in range(2):
@@ -287,7 +288,7 @@ def test_folder_problems_are_reported(tmp_path, caplog):
     for name in ["a.gif", "b.gif", "notes.txt", ".DS_Store"]:
         open(os.path.join(root, "class_0", name), "w").close()
     with caplog.at_level(logging.WARNING):
-        counts = check_image_folder(root)
+        counts = class_counts(root)
     assert counts == {"class_0": 2, "class_1": 2, "class_empty": 0}
     assert "1 class folder(s) without images are ignored: ['class_empty']" in caplog.text
     assert "ignored 3 file(s) with other extensions: .gif x2, .txt x1" in caplog.text
@@ -296,7 +297,7 @@ def test_folder_problems_are_reported(tmp_path, caplog):
     (only_gifs / "c" / "x.gif").write_bytes(b"GIF89a")
     with pytest.raises(DataError, match=r"contains no images .*found 1 file\(s\) with other "
                                         r"extensions: \.gif x1"):
-        check_image_folder(str(only_gifs))
+        class_counts(str(only_gifs))
 
 
 # ============================================================================ atomic state

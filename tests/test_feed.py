@@ -19,7 +19,7 @@ from src.multicropdataset import MultiCropDataset, multicrop_transforms, normali
 from src.resnet50 import resnet18
 from src.simsiam import SimSiam, simsiam_transform
 from test_fastpath import ListLoader, tiny_args, tiny_model
-from conftest import ROOT
+from conftest import ROOT, entry_args
 from test_fastaugment import textured
 
 ARGS = ([32, 16], [2, 3], [0.14, 0.05], [1.0, 0.14])
@@ -163,14 +163,14 @@ def cuda_flags():
 
 @pytest.mark.parametrize("tf32", [False, True])
 def test_configure_backends_autotunes_and_sets_tf32_on_cuda(cuda_flags, tf32):
-    from types import SimpleNamespace
-
     from src.engine import configure_backends
     torch.backends.cudnn.benchmark = False
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = not tf32
-    configure_backends(SimpleNamespace(device="cpu", tf32=tf32))  # a CPU run: untouched
+    args = entry_args("main_swav", ["--tf32", str(tf32)], device="cpu")
+    configure_backends(args)  # a CPU run: untouched
     assert not torch.backends.cudnn.benchmark
-    configure_backends(SimpleNamespace(device="cuda:0", tf32=tf32))  # flags only: no GPU needed
+    args.device = "cuda:0"
+    configure_backends(args)  # flags only: no GPU needed
     assert torch.backends.cudnn.benchmark
     assert torch.backends.cuda.matmul.allow_tf32 == torch.backends.cudnn.allow_tf32 == tf32
 

@@ -51,7 +51,8 @@ def test_model_cuda_fp32_matches_cpu(channels_last):
     x = crops()
     res = {}
     for device in ("cpu", "cuda"):
-        model = prepare_model(tiny_model(), tiny_args(device=device, channels_last=channels_last))
+        args = tiny_args(device=device, channels_last=channels_last)
+        model = prepare_model(tiny_model(), args, "none")
         emb, out = model(x)
         out.square().sum().backward()
         res[device] = (emb.cpu(), out.detach().cpu(), model.conv1.weight.grad.cpu())
@@ -64,7 +65,7 @@ def test_amp_loss_and_grads_close_to_cpu_fp32(amp_dtype):
     losses, grads, embs = {}, {}, {}
     for name, device, use_fp16 in [("ref", "cpu", False), ("amp", "cuda", True)]:
         args = tiny_args(device=device, use_fp16=use_fp16, amp_dtype=amp_dtype, channels_last=True)
-        model = prepare_model(tiny_model(), args)
+        model = prepare_model(tiny_model(), args, "none")
         with main_swav.forward_context(model, args):
             emb, out = model(crops())
         if use_fp16:
@@ -87,7 +88,7 @@ def test_amp_loss_and_grads_close_to_cpu_fp32(amp_dtype):
 def test_train_steps_on_cuda_with_scaler(amp_dtype):
     """The whole default step on CUDA: autocast, GradScaler (fp16), multi-tensor LARC."""
     args = tiny_args(device="cuda", use_fp16=True, amp_dtype=amp_dtype, channels_last=True)
-    model = prepare_model(tiny_model(), args)
+    model = prepare_model(tiny_model(), args, "none")
     optimizer = build_larc_sgd(model, args)
     scaler = setup_precision(args)
     assert scaler.is_enabled() == (amp_dtype == "float16")

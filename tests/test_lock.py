@@ -1,7 +1,6 @@
 """One run per --dump_path (src/lock.py, issue 20 item 2): a second run on a live run's dump path
 refuses at once with one line naming the holder; a run killed with SIGKILL leaves nothing that
 blocks its rerun; under two ranks a refusal reaches every rank."""
-import argparse
 import os
 import runpy
 import signal
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import torch.distributed as dist
 
+import main_swav
 from conftest import ROOT, fork_ranks, tiny_swav_argv
 from src import lock
 from src.cli import run_main
@@ -109,8 +109,7 @@ def _rank(rank, port, dump, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     sys.argv = ["main", "--dump_path", dump]
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--dump_path")
+    parser = main_swav.get_args_parser()  # a real entry point's flags (run_main checks some)
 
     def main(args):
         args.rank, args.world_size = rank, 2

@@ -2,7 +2,6 @@
 GradScaler changes no number (S * g and g / S are exact), so scaled and unscaled training must
 give the same weights. Each training loop that takes a scaler is checked, LARC ones included:
 unscaling LARC's inner optimizer and then stepping LARC divides the gradients by S twice."""
-import argparse
 import copy
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch.nn as nn
 import main_deepclusterv2 as dc
 import main_simsiam
 import main_swav
-from conftest import tiny_swav_argv
+from conftest import entry_args, tiny_swav_argv
 from src import evaluation
 from src.engine import build_larc_sgd, build_loader, build_lr_schedule
 from src.lars import LARC
@@ -104,7 +103,7 @@ def test_simsiam_train_scaled_equals_unscaled():
 
 def test_evaluation_train_epoch_scaled_equals_unscaled():
     """The linear / semi-supervised loop (evaluation.train_epoch), with SGD and with LARC."""
-    args = argparse.Namespace(device="cpu", rank=0, world_size=1, log_freq=100)
+    args = entry_args("eval_linear", ["--log_freq", "100"], device="cpu", rank=0, world_size=1)
     g = torch.Generator().manual_seed(2)
     loader = [(torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g))
               for _ in range(3)]

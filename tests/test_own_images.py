@@ -3,7 +3,6 @@ mixed depths, or a list file train every method; hidden files, other files and u
 extensions; a symlink loop (issue 20 item 5); the tree walked once per job (rank 0), the other
 ranks and a resumed run reading dump_path/image_list.txt; the evaluations refuse unlabelled
 data in one line."""
-import argparse
 import json
 import os
 import runpy
@@ -17,13 +16,13 @@ import pytest
 import main_deepclusterv2
 import main_simsiam
 import main_swav
-from conftest import ROOT, make_image_folder, make_split_folder, tiny_swav_argv
+from conftest import ROOT, entry_args, make_image_folder, make_split_folder, tiny_swav_argv
 from src import imagelist
 from src.evaluation import build_eval_datasets
 from src.imagelist import DataError, find_images, read_list_file
 from src.multicropdataset import MultiCropDataset
 
-IMAGE_LIST = "image_list.txt"  # src.engine.IMAGE_LIST, written into --dump_path
+IMAGE_LIST = "image_list.txt"  # src.data.IMAGE_LIST, written into --dump_path
 KW = dict(size_crops=[16], nmb_crops=[2], min_scale_crops=[0.3], max_scale_crops=[1])
 
 
@@ -153,7 +152,8 @@ def test_walk_order_is_torchvisions_within_a_class(tmp_path):
 # ----------------------------------------------------------------------------- walk once
 def _job_args(data, dump):
     os.makedirs(dump, exist_ok=True)
-    return argparse.Namespace(data_path=data, dump_path=dump, rank=0, world_size=1)
+    return entry_args("main_swav", ["--data_path", data, "--dump_path", dump], rank=0,
+                      world_size=1)
 
 
 def test_resumed_run_reuses_the_list_and_another_data_path_gets_a_fresh_one(tmp_path, monkeypatch):

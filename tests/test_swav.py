@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import main_swav
-from conftest import ROOT, tensorboard_scalars, tiny_swav_argv
+from conftest import ROOT, entry_args, tensorboard_scalars, tiny_swav_argv
 from src.lars import LARC
 from src.resnet50 import resnet18
 from src.runstate import EpochState
@@ -19,14 +19,9 @@ PY = sys.executable
 
 
 def _args(**kw):
-    args = main_swav.get_args_parser().parse_args([])
-    args.rank, args.world_size = 0, 1
-    args.use_fp16 = False
-    args.nmb_crops, args.crops_for_assign = [2, 1], [0, 1]
-    args.freeze_prototypes_niters, args.nmb_prototypes, args.feat_dim = 0, 10, 16
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    tiny = dict(rank=0, world_size=1, use_fp16=False, nmb_crops=[2, 1], crops_for_assign=[0, 1],
+                freeze_prototypes_niters=0, nmb_prototypes=10, feat_dim=16)
+    return entry_args("main_swav", **{**tiny, **kw})
 
 
 def _model(seed=0, hidden_mlp=0):

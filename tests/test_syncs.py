@@ -3,17 +3,16 @@
 A host sync is a point where Python reads a value the device computes: `.item()`, `.tolist()`,
 `bool()`/`float()`/`int()` of a tensor (on CUDA each waits for every queued kernel), or reading a
 collective's result. Each such call is counted while `train()` runs: the default path reads the
-losses and the non-finite checks once per log interval (src/engine.py EpochProgress.flush); with
+losses and the non-finite checks once per log interval (src/progress.py EpochProgress.flush); with
 a GradScaler its own inf check adds one per step. (A CUDA -> CPU copy is a sync too, invisible
 on a CPU: `torch.cuda.set_sync_debug_mode("warn")` shows those on a GPU.)"""
-import argparse
-
 import numpy as np
 import pytest
 import torch
 
 import main_simsiam
 import main_swav
+from conftest import entry_args
 from src import distributed as du
 from src import preemption
 from src.engine import NonFiniteLossError, build_larc_sgd
@@ -200,7 +199,7 @@ def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(mo
     preemption.reset()
     preemption.install()
     try:
-        args = argparse.Namespace(rank=0, world_size=2, log_freq=100)
+        args = entry_args("main_swav", ["--log_freq", "100"], rank=0, world_size=2)
         progress = EpochProgress(list(range(40)), 0, args, state=EpochState())
         for it, _, _ in progress:
             progress.update(it, 1.0, 4, 0.1)
