@@ -64,6 +64,11 @@ class CropSpec:
         return (0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)
 
     @property
+    def blur_prob(self):
+        """The probability that a crop is blurred (--blur none: never)."""
+        return 0.0 if self.blur == "none" else self.blur_p
+
+    @property
     def blur_kernel(self):
         """The blur's fixed kernel width (OpenCV's), or 0: PIL's radius blur (no fixed kernel)."""
         return OPENCV_KERNEL if self.blur == "opencv" else 0
@@ -149,8 +154,8 @@ def make_blur(blur, p=0.5, sigma=BLUR_SIGMA):
 
 
 def spec_blur(spec):
-    """The blur transform of a CropSpec."""
-    return make_blur(spec.blur, spec.blur_p, spec.blur_sigma)
+    """The blur transform of a CropSpec (--blur none: the PIL blur with probability 0)."""
+    return make_blur(spec.blur, spec.blur_prob, spec.blur_sigma)
 
 
 def color_distortion(spec):
