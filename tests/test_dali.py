@@ -426,8 +426,20 @@ def test_real_dali_cpu_pipeline(images):
                      CropSpec(24, flip_p=0.0, gray_p=1.0, **ident)]
     loader = dali_backend.DaliLoader(ds, loader_args(batch_size=4), cpu=True)
     idx, (plain, flipped, grey) = next(iter(loader))
-    pil = torch.stack([torch.from_numpy(np.asarray(Image.open(ds.samples[i][0]).convert("RGB")))
+    pil = torch.stack([torch.from_numpy(np.array(Image.open(ds.samples[i][0]).convert("RGB")))
                        .permute(2, 0, 1) for i in idx.tolist()]).int()
     assert (plain.int() - pil).abs().float().mean() < 2  # two JPEG decoders
     assert torch.equal(flipped, plain.flip(-1))
     assert (grey.int().amax(1) - grey.int().amin(1)).max() <= 1
+
+
+def test_real_dali_cpu_feeds_main_swav(monkeypatch, tmp_path, images, no_launcher, one_thread):
+    """main_swav trains 2 epochs on real DALI batches (its CPU operators stand in for the GPU)."""
+    dali = pytest.importorskip("nvidia.dali")
+    monkeypatch.setattr(data_module, "check_backend", lambda args: dali)
+    monkeypatch.setattr(data_module, "DaliLoader",
+                        lambda *a, **kw: dali_backend.DaliLoader(*a, cpu=True, **kw))
+    args = main_swav.get_args_parser().parse_args(tiny_swav_argv(images, str(tmp_path)) + [
+        "--data_backend", "dali", "--batch_size", "4", "--device", "cpu"])
+    stats = main_swav.main(args)
+    assert len(stats.stats) == 2 and np.isfinite(stats.stats["loss"].astype(float)).all()
