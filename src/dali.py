@@ -75,11 +75,12 @@ def blur_window(spec):
     return spec.blur_kernel or 2 * math.ceil(3 * spec.blur_sigma[1]) + 1
 
 
-def augment_crop(dali, images, spec):
-    """One crop of each decoded image (HWC, uint8), drawn from `spec` (a CropSpec): DALI's
-    graph for RandomResizedCrop -> colour jitter (p) -> greyscale (p) -> blur (p) -> flip,
-    uint8 CHW out. An operator applied "with probability p" gets a per-sample coin that turns
-    its parameters into the identity's, so each sample gets either the op or exactly nothing."""
+def augment_crop(dali, images, spec, device="gpu"):
+    """One crop of each decoded image (HWC, uint8, on `device`), drawn from `spec` (a CropSpec):
+    DALI's graph for RandomResizedCrop -> colour jitter (p) -> greyscale (p) -> blur (p) -> flip,
+    uint8 CHW out. The random draws are per-sample arguments (made on the host). An operator
+    applied "with probability p" gets a per-sample coin that turns its parameters into the
+    identity's, so each sample gets either the op or exactly nothing."""
     fn, types = dali.fn, dali.types
 
     def coin(p):
@@ -88,9 +89,10 @@ def augment_crop(dali, images, spec):
     def uniform(lo, hi):
         return fn.random.uniform(range=[lo, hi])
 
-    x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(spec.ratio), num_attempts=CROP_ATTEMPTS,
-                               interp_type=types.INTERP_LINEAR, antialias=True)
+    x = fn.random_resized_crop(images, device=device, size=[spec.size, spec.size],
+                               random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio),
+                               num_attempts=CROP_ATTEMPTS, interp_type=types.INTERP_LINEAR,
+                               antialias=True)
     # ColorJitter's factors: brightness, contrast, saturation ~ U[max(0, 1 - s), 1 + s], hue
     # ~ U[-h, h] of a turn (DALI: degrees); coin 0 gives 1 (and hue 0), the identity
     jitter = coin(spec.jitter_p)
@@ -102,15 +104,16 @@ def augment_crop(dali, images, spec):
     # greyscale after the jitter: saturation 0. One color_twist does both: its hue and
     # saturation act on the chroma only, so this is the greyscale of the jittered crop
     keep_colour = 1 - coin(spec.gray_p)
-    x = fn.color_twist(x, brightness=factor(brightness), contrast=factor(contrast),
+    x = fn.color_twist(x, device=device, brightness=factor(brightness), contrast=factor(contrast),
                        saturation=factor(saturation) * keep_colour,
                        hue=jitter * uniform(-360.0 * hue, 360.0 * hue))
     if spec.blur_prob > 0:
         # sigma ~ U[blur_sigma]; a crop not blurred gets a 1-tap kernel (the identity)
         window = coin(spec.blur_prob) * (blur_window(spec) - 1) + 1
-        x = fn.gaussian_blur(x, sigma=uniform(*spec.blur_sigma), window_size=window)
+        x = fn.gaussian_blur(x, device=device, sigma=uniform(*spec.blur_sigma),
+                             window_size=window)
     # the flip last: it commutes with the per-pixel colour ops and the symmetric blur
-    return fn.crop_mirror_normalize(x, dtype=types.UINT8, output_layout="CHW",
+    return fn.crop_mirror_normalize(x, device=device, dtype=types.UINT8, output_layout="CHW",
                                     mirror=coin(spec.flip_p))
 
 
@@ -127,7 +130,8 @@ def build_pipeline(dali, specs, source, batch_size, num_threads, device_id, seed
                                                  dtype=[dali.types.UINT8, dali.types.INT64])
         images = dali.fn.decoders.image(encoded, device="cpu" if device_id is None else "mixed",
                                         output_type=dali.types.RGB)
-        pipe.set_outputs(*[augment_crop(dali, images, spec) for spec in specs], index)
+        device = "cpu" if device_id is None else "gpu"
+        pipe.set_outputs(*[augment_crop(dali, images, spec, device) for spec in specs], index)
     return pipe
 
 

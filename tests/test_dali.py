@@ -213,7 +213,8 @@ def test_without_the_package_one_line_error_says_how_to_install(monkeypatch, tmp
             "--dump_path", str(tmp_path)]
     monkeypatch.setattr(sys, "argv", argv)
     with pytest.raises(SystemExit) as e:
-        run_main(main_simsiam.main, argparse.ArgumentParser(parents=[main_simsiam.get_args_parser()]))
+        parser = argparse.ArgumentParser(parents=[main_simsiam.get_args_parser()])
+        run_main(main_simsiam.main, parser)
     message = str(e.value.code)
     assert message.startswith("error: --data_backend dali needs NVIDIA DALI")
     assert "pip install" in message and "nvidia-dali-cuda120" in message
@@ -342,6 +343,8 @@ def test_pipeline_device_seed_and_decoder(fake_dali, images):
     assert pipe.kwargs["device_id"] == 3 and pipe.kwargs["batch_size"] == 4
     decoder = producer(pipe.outputs[0], "decoders.image")
     assert decoder.kwargs["device"] == "mixed" and decoder.kwargs["output_type"] == "RGB"
+    for op in ("random_resized_crop", "color_twist", "gaussian_blur", "crop_mirror_normalize"):
+        assert producer(pipe.outputs[0], op).kwargs["device"] == "gpu"
     source = producer(pipe.outputs[-1], "external_source")
     assert source.kwargs["cycle"] == "raise" and source.kwargs["batch"] is True
     seed_rank1 = pipe.kwargs["seed"]
