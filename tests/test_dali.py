@@ -5,6 +5,8 @@ the training loops fed by it, through a fake `nvidia.dali` that records the grap
 installed, a real pipeline runs on DALI's CPU operators."""
 import argparse
 import os
+import shlex
+import subprocess
 import sys
 import types
 
@@ -446,3 +448,31 @@ def test_real_dali_cpu_feeds_main_swav(monkeypatch, tmp_path, images, no_launche
         "--data_backend", "dali", "--batch_size", "4", "--device", "cpu"])
     stats = main_swav.main(args)
     assert len(stats.stats) == 2 and np.isfinite(stats.stats["loss"].astype(float)).all()
+
+
+# ----------------------------------------------------------------------------- gpu_suite.sh dali
+SUITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                     "gpu_suite.sh")
+
+
+def test_gpu_suite_dali_stage(tmp_path):
+    """`gpu_suite.sh dali`: main_swav runs with --data_backend dali on CUDA (flags its parser
+    accepts, fresh dump paths); where DALI does not import it is skipped with a line, and passes."""
+    out = subprocess.run(["bash", SUITE, "--dry-run", "dali", str(tmp_path)], check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    commands = [shlex.split(line) for line in out if "main_swav.py" in line]
+    assert len(commands) == 2
+    for cmd in commands:
+        args = main_swav.get_args_parser().parse_args(cmd[cmd.index("main_swav.py") + 1:])
+        assert args.data_backend == "dali" and args.device == "cuda" and args.use_fp16
+        assert args.dump_path.startswith(str(tmp_path))
+    assert commands[1][commands[1].index("--size_crops") + 1:][:2] == ["224", "96"]
+    env = dict(os.environ, PYTHON=sys.executable)
+    if subprocess.run([sys.executable, "-c", "import nvidia.dali"], env=env,
+                      capture_output=True).returncode == 0:
+        return  # DALI imports here: the stage would run (on a GPU)
+    proc = subprocess.run(["bash", SUITE, "dali", str(tmp_path / "run")], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "== dali: skipped (nvidia.dali does not import" in proc.stdout
+    assert "requirements-dali.txt" in proc.stdout
