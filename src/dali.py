@@ -205,7 +205,7 @@ class DaliLoader:
                 yield (index, crops) if self.return_index else crops
         except RuntimeError as e:  # DALI's errors: an image its decoder refuses, above all
             raise DataError(f"DALI failed on a batch ({str(e).strip().splitlines()[0][:300]}); "
-                            "--data_backend pytorch skips files it cannot decode") from None
+                            "--data_backend pytorch skips files it cannot decode") from e
         self.finished = True
 
     def _pipeline(self):
