@@ -9,7 +9,8 @@ from src import distributed as du
 from src import preemption
 from src.amp import Precision
 from src.checkpoint import unwrap
-from src.cli import add_backbone_args, add_distributed_args, add_run_args, run_main
+from src.cli import (add_backbone_args, add_data_backend_arg, add_distributed_args, add_run_args,
+                     run_main)
 from src.data import build_train_data, to_device
 from src.engine import build_precision, prepare_model, run_epochs
 from src.errors import UsageError
@@ -48,6 +49,7 @@ def get_args_parser():
     parser.add_argument("--augment", type=str, default="fast", choices=["fast", "pil"],
                         help="augmentation code: fast (src/fastaugment.py, the same distribution "
                              "of views, faster) or pil (the original torchvision pipeline)")
+    add_data_backend_arg(parser)
 
     #########################
     ## simsiam specific params

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
 # The GPU checks of benchmarks/README.md. Any error stops the suite with a non-zero status.
 #
-#   bash benchmarks/gpu_suite.sh [--dry-run] [checks|bench|data] [OUT_DIR]
+#   bash benchmarks/gpu_suite.sh [--dry-run] [checks|bench|data|dali] [OUT_DIR]
 #
 # checks (default, ~5 minutes on one H100): a few fp16 iterations of main_swav, main_deepclusterv2
 #   (two epochs: k-means, the memory bank and the collapse monitor's epoch end run), main_simsiam
 #   and the three evaluations on the SwAV checkpoint, each under the venv's
 #   `python -m torch.distributed.run` on CUDA; then tests/test_gpu.py.
 # bench: RN50 2x224+6x96 batch 64 training step, fp32 vs fp16 channels_last (bench_train_step.py).
-# data: images/s of the loader (bench_data.py) and training on JPEGs through the loader.
+# data: images/s of the loader (bench_data.py) and training on JPEGs through the loader; then
+#   the dali stage when DALI imports.
+# dali: --data_backend dali (src/dali.py, never run on a GPU before): a tiny main_swav run, then
+#   RN50 2x224+6x96 batch 64 fp16 on JPEGs (its log's "Data" column: the wait for DALI). Skipped
+#   with a printed line when nvidia.dali does not import (pip install -r requirements-dali.txt).
 # --dry-run prints the commands instead of running them (tests/test_feed.py parses them).
 # Every run writes to a fresh folder under OUT_DIR (default /tmp/gpu_suite): a rerun never
 # resumes an earlier run's checkpoint.
@@ -59,6 +63,24 @@ EVAL=(--arch resnet18 --width 8 --cifar_stem true --workers 2 --device cuda --us
       --resize 32 --center_crop 32 --batch_size 8 --data_path "$DATA/split"
       --pretrained "$OUT/swav/checkpoint.pth.tar")
 
+# dali_stage JPEG_DIR: --data_backend dali, where DALI imports (--dry-run prints it anyway)
+dali_stage() {
+  local jpegs=$1
+  if [[ $DRY == 0 ]] && ! "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
+    echo "== dali: skipped (nvidia.dali does not import: $PY -m pip install -r requirements-dali.txt)"
+    return 0
+  fi
+  run dali_tiny_data "$PY" -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; \
+c.make_image_folder('$DATA/dali_train', classes=3, per_class=16, size=40)"
+  run dali_swav_tiny "${TORCHRUN[@]}" main_swav.py "${TINY[@]}" "${CROPS[@]}" --epochs 2 \
+    --nmb_prototypes 20 --data_backend dali --data_path "$DATA/dali_train" \
+    --dump_path "$OUT/dali_swav_tiny"
+  run dali_swav_rn50 "${TORCHRUN[@]}" main_swav.py --data_backend dali --data_path "$jpegs" \
+    --nmb_crops 2 6 --size_crops 224 96 --min_scale_crops 0.14 0.05 --max_scale_crops 1 0.14 \
+    --batch_size 64 --epochs 1 --workers 8 --use_fp16 true --device cuda --log_freq 4 \
+    --checkpoint_freq 1 --dump_path "$OUT/dali_swav_rn50"
+}
+
 case "$PART" in
 checks)
   run machine nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -90,9 +112,17 @@ common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
     --loader_workers 1 4 8 15
   run train_jpeg "$PY" benchmarks/bench_train_step.py --device cuda --batch_size 64 --rounds 1 \
     --warmup 5 --iters 20 --configs fp16+cl+foreach --data_path "$DATA/jpegs" --workers 15
+  dali_stage "$DATA/jpegs"
+  ;;
+dali)  # the DALI backend alone (its own JPEGs)
+  if [[ $DRY == 1 ]] || "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
+    run jpegs "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; \
+common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
+  fi
+  dali_stage "$DATA/jpegs"
   ;;
 *)
-  echo "error: unknown part $PART (checks, bench or data)" >&2
+  echo "error: unknown part $PART (checks, bench, data or dali)" >&2
   exit 2
   ;;
 esac

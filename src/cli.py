@@ -3,6 +3,7 @@ main_swav.py), so each main declares only its own method's flags, and the `__mai
 share (`run_main`). Defaults live here only: code reads `args.x`, never a restated default."""
 import sys
 
+from . import dali
 from . import distributed as du
 from .engine import NonFiniteLossError
 from .errors import INPUT_ERRORS, UsageError
@@ -42,6 +43,7 @@ def check_shared_args(args):
     if args.width < 0:  # 0 is the arch's default; a negative one fails in a conv
         raise UsageError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
                          f"{args.width}")
+    dali.check_backend(args)  # --data_backend dali: the package, a GPU, the flags it supports
 
 
 def add_multicrop_args(parser):
@@ -65,6 +67,18 @@ def add_multicrop_args(parser):
                              "transforms)")
     parser.add_argument("--strict_data", type=bool_flag, default=False,
                         help="stop on an unreadable image instead of skipping it with a warning")
+    add_data_backend_arg(parser)
+    return parser
+
+
+def add_data_backend_arg(parser):
+    """--data_backend of the pre-trainings (main_swav, main_deepclusterv2, main_simsiam)."""
+    parser.add_argument("--data_backend", type=str, default="pytorch", choices=dali.BACKENDS,
+                        help="pytorch: decode and augment in DataLoader workers on the CPU (the "
+                             "original's); dali: decode and augment on the GPU with NVIDIA DALI "
+                             "(optional: pip install -r requirements-dali.txt), the same crop "
+                             "distribution, for nodes whose cores cannot keep up (--augment is "
+                             "the pytorch backend's; untested on a GPU, see the README)")
     return parser
 
 

@@ -6,6 +6,7 @@ import os
 import torch
 
 from . import distributed as du
+from .dali import DaliLoader, check_backend
 from .errors import UsageError
 from .imagelist import DataError, find_images, read_list_file, read_list_header
 from .multicropdataset import SeededSampler, normalize_crops
@@ -70,9 +71,14 @@ def job_image_list(args):
 
 def build_train_data(args, make_dataset):
     """(dataset, loader) of a pre-training entry point: `make_dataset(image_list)` builds the
-    dataset from the job's image list (job_image_list), then build_loader."""
+    dataset from the job's image list (job_image_list), then build_loader, or with
+    --data_backend dali a DaliLoader (src/dali.py: decoding and augmentation on the GPU)."""
+    dali = check_backend(args)  # before any work: DALI installed, a GPU
     dataset = make_dataset(job_image_list(args))
-    loader = build_loader(dataset, args)
+    if dali is None:
+        loader = build_loader(dataset, args)
+    else:
+        loader = check_batches(DaliLoader(dataset, args), dataset, args.batch_size, args)
     logger.info("Building data done with {} images loaded.".format(len(dataset)))
     return dataset, loader
 
@@ -89,6 +95,10 @@ def build_loader(dataset, args, batch_size=None, seeded=True, drop_last=True):
         pin_memory=str(args.device).startswith("cuda"), drop_last=drop_last,
         persistent_workers=args.workers > 0,
     )
+    return check_batches(loader, dataset, batch_size, args)
+
+
+def check_batches(loader, dataset, batch_size, args):
     if len(loader) == 0:
         raise UsageError(f"the dataset has {len(dataset)} images: fewer than one batch of "
                          f"{batch_size} per process x {args.world_size} processes "

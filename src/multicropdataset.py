@@ -16,12 +16,24 @@ from PIL import Image
 # IMG_EXTENSIONS, DataError and the transforms: importable from here as before
 from .imagelist import IMG_EXTENSIONS, DataError, ImageList, find_images  # noqa: F401
 from .transforms import (BLURS, MEAN, STD, KernelGaussianBlur, PILRandomGaussianBlur,  # noqa: F401
-                         get_color_distortion, make_blur, multicrop_transforms, normalize_crops,
-                         to_tensor)
+                         get_color_distortion, make_blur, multicrop_specs, multicrop_transforms,
+                         normalize_crops, to_tensor)
 
 logger = logging.getLogger()
 
 BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
+
+
+def _open_rgb(path):
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        img.load()
+        return img.convert("RGB")
+
+
+def _read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
 
 
 class SafeImageFolder(datasets.VisionDataset):
@@ -68,14 +80,20 @@ class SafeImageFolder(datasets.VisionDataset):
 
     def load_image(self, index):
         """(PIL image, index actually used): a bad file is replaced by the next good one."""
+        return self._load(index, _open_rgb)
+
+    def load_bytes(self, index):
+        """(the file's encoded bytes, index actually used), for a decoder outside Python
+        (src/dali.py): an unreadable file is replaced as in load_image (one that reads but does
+        not decode is the decoder's to report)."""
+        return self._load(index, _read_bytes)
+
+    def _load(self, index, load):
         for attempt in range(len(self.samples)):
             i = (index + attempt) % len(self.samples)
             path = self.samples[i][0]
             try:
-                with open(path, "rb") as f:
-                    img = Image.open(f)
-                    img.load()
-                    return img.convert("RGB"), i
+                return load(path), i
             except Exception as e:
                 if self.strict_data:
                     raise DataError(f"unreadable image {path}: {e}") from None
@@ -126,6 +144,9 @@ class MultiCropDataset(CropsDataset):
         trans = multicrop_transforms(size_crops, nmb_crops, min_scale_crops, max_scale_crops,
                                      blur, augment)
         super().__init__(data_path, trans, size_dataset, return_index, strict_data)
+        # the crops' distribution, for a loader that augments elsewhere (src/dali.py)
+        self.crop_specs = multicrop_specs(size_crops, nmb_crops, min_scale_crops,
+                                          max_scale_crops, blur)
 
 
 class SeededSampler(torch.utils.data.DistributedSampler):

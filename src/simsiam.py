@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .errors import UsageError
 from .multicropdataset import CropsDataset
-from .transforms import simsiam_transform  # (importable from here as before)
+from .transforms import simsiam_spec, simsiam_transform  # (importable from here as before)
 
 # warn when the collapse metric falls below this fraction of its no-collapse value 1/sqrt(d)
 COLLAPSE_WARN_RATIO = 0.5
@@ -117,3 +117,4 @@ class TwoViewDataset(CropsDataset):
                  strict_data=False, augment="fast"):
         t = simsiam_transform(size, min_scale, max_scale, blur, augment)
         super().__init__(data_path, [t, t], strict_data=strict_data)
+        self.crop_specs = [simsiam_spec(size, min_scale, max_scale, blur)] * 2  # (src/dali.py)
