@@ -181,16 +181,33 @@ def assign_balanced(scores, epsilon, sinkhorn_iterations):
     return cluster, conf
 
 
+def kmeans_plus_plus(feats, K, generator):
+    """K rows of the unit-norm `feats` chosen by k-means++ (Arthur & Vassilvitskii, 2007): each
+    next row drawn with probability proportional to its squared distance 2 - 2 cos to the nearest
+    row chosen so far. Uniformly drawn rows (the DC-v2 training's init, src/kmeans.py) often put
+    two centroids in one tight group and none in another, and 10 Lloyd iterations rarely undo it."""
+    chosen = [int(torch.randint(len(feats), (1,), generator=generator))]
+    dist = (2 - 2 * feats @ feats[chosen[0]]).clamp_(min=0)
+    for _ in range(K - 1):
+        if dist.sum() <= 0:  # fewer distinct rows than K: any remaining row
+            weights = torch.ones(len(feats)).index_fill_(0, torch.tensor(chosen), 0)
+        else:
+            weights = dist
+        chosen.append(int(torch.multinomial(weights, 1, generator=generator)))
+        dist = torch.minimum(dist, (2 - 2 * feats @ feats[chosen[-1]]).clamp_(min=0))
+    return feats[chosen]
+
+
 def assign_kmeans(all_feats, local_index, K, nmb_iters, seed, device):
     """(cluster, cosine to its centroid) of the rows `local_index` of `all_feats` (the same on
-    every rank): spherical k-means on the L2-normalised features, initialised with K rows of the
-    whole set drawn by a seeded generator, so any number of ranks starts from the same centroids
+    every rank): spherical k-means on the L2-normalised features, initialised by k-means++ on the
+    whole set with a seeded generator, so any number of ranks starts from the same centroids
     (all ranks call)."""
     if not 1 <= K <= len(all_feats):
         raise UsageError(f"--nmb_clusters {K}: k-means needs 1 <= K <= the {len(all_feats)} "
                          "images")
     feats = F.normalize(all_feats.float(), dim=1, p=2)
-    init = feats[torch.randperm(len(feats), generator=torch.Generator().manual_seed(seed))[:K]]
+    init = kmeans_plus_plus(feats, K, torch.Generator().manual_seed(seed))
     local = feats[local_index].to(device)
     centroids, cluster, _ = spherical_kmeans(local, K, nmb_iters, centroids=init.to(device))
     return cluster.cpu(), (local * centroids[cluster]).sum(dim=1).cpu()

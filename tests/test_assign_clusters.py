@@ -165,6 +165,7 @@ def test_balanced_evens_out_the_sizes_argmax_leaves_unbalanced(fitted, tmp_path)
 def test_kmeans_on_a_backbone_without_prototypes_flat_folder(tmp_path):
     """A plain backbone (torchvision-style state dict: no head) on a flat folder: k-means, no
     labels, so no metrics but everything else; the same images as an ImageFolder give NMI 1."""
+    torch.manual_seed(0)  # with this init, uniformly drawn k-means centroids gave NMI 0.80
     model = build_backbone("resnet18", cifar_stem=True, width=8)
     torch.save(model.state_dict(), tmp_path / "backbone.pth")
     ckpt = str(tmp_path / "backbone.pth")
