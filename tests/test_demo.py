@@ -77,4 +77,26 @@ def test_cluster_flags_parse_with_assign_clusters():
     import assign_clusters
     args = assign_clusters.get_args_parser().parse_args(
         ["--data_path", "d", "--pretrained", "c", *demo.SIZES, *demo.BACKBONE, *demo.CLUSTERS])
-    assert args.mode in ("balanced", "argmax") and args.center_crop == 32
+    assert args.mode in ("balanced", "argmax") and args.center_crop == int(demo.SIZES[-1])
+
+
+def test_evaluations_run_in_process_with_their_logs(tmp_path, no_launcher):
+    """run_in_process: the entry point's main() here, its console output in the log file (not on
+    the demo's console), its own files in the dump path; twice in one process (the demo runs six
+    evaluations); a failure ends the demo with one line naming the script and the log."""
+    from conftest import make_split_folder
+    data = make_split_folder(str(tmp_path / "data"), train_per_class=4, val_per_class=2)
+    for name in ("a", "b"):
+        dump = tmp_path / name
+        dump.mkdir()
+        demo.run_in_process("eval_knn.py", [
+            "--data_path", data, "--dump_path", str(dump), "--arch", "pixels", "--resize", "8",
+            "--center_crop", "8", "--workers", "0", "--nb_knn", "3", "--tensorboard", "false"],
+            str(dump / "console.log"))
+        assert "top-1" in (dump / "console.log").read_text()
+        assert (dump / "stats_eval_knn0.pkl").exists()
+    with pytest.raises(SystemExit, match=r"eval_knn.py failed .*end of .*bad.log"):
+        demo.run_in_process("eval_knn.py", ["--data_path", str(tmp_path / "missing"),
+                                            "--dump_path", str(tmp_path / "c"), "--arch",
+                                            "pixels"], str(tmp_path / "bad.log"))
+    assert "missing" in (tmp_path / "bad.log").read_text()
