@@ -44,27 +44,34 @@ def test_stubbed_run_writes_summary_json(tmp_path, monkeypatch, capsys):
         *evals[os.path.basename(dump)], 1.0))
     monkeypatch.setattr(demo.plot_stats, "plot", lambda d: os.path.join(d, "plot.png"))
 
-    def cluster(data, dump, checkpoint, model_args, workers, tensorboard):
-        calls.append(checkpoint)
-        return {"mode": "balanced", "clusters": 7, "non_empty": 7, "nmi": 0.61, "ari": 0.4,
-                "overview": os.path.join(dump, "overview.png")}
+    def cluster(data, dump, checkpoint, model_args, workers, tensorboard, flags):
+        calls.append((checkpoint, flags))
+        k = 10 if "--nmb_clusters" in flags else 7
+        return {"mode": flags[1], "clusters": k, "non_empty": k, "nmi": 0.61 + k / 100,
+                "ari": 0.4, "overview": os.path.join(dump, "overview.png")}
     monkeypatch.setattr(demo, "cluster", cluster)
     monkeypatch.setattr(demo, "pixel_kmeans", lambda x, y, k: (
         calls.append(k) or {"nmi": 0.5, "ari": 0.3, "purity": 0.6}))
     demo.main(["--out", str(tmp_path / "run"), "--data", str(tmp_path / "data"),
                "--tensorboard", "false"])
     run_dir = tmp_path / "run" / "swav"
-    assert calls == [str(run_dir / "checkpoint.pth.tar"), 7]  # pixels get the same K
+    ckpt = str(run_dir / "checkpoint.pth.tar")
+    # the prototypes, then k-means with K = 10; the pixels get the same K each time
+    assert calls == [(ckpt, demo.CLUSTERINGS["prototypes"]), 7,
+                     (ckpt, demo.CLUSTERINGS["kmeans10"]), 10]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary)[:len(demo.SUMMARY_KEYS)] == list(demo.SUMMARY_KEYS)
     assert (summary["trained_linear"], summary["trained_knn"]) == (84.0, 82.5)
     assert (summary["untrained_linear"], summary["untrained_knn"]) == (74.0, 73.0)
     assert (summary["pixels_linear"], summary["pixels_knn"]) == (80.0, 78.5)
-    assert (summary["cluster_nmi"], summary["pixels_kmeans_nmi"]) == (0.61, 0.5)
+    assert (summary["cluster_nmi"], summary["pixels_kmeans_nmi"]) == (0.68, 0.5)
+    assert [(c["name"], c["K"], c["nmi"]) for c in summary["clusterings"]] == [
+        ("prototypes", 7, 0.68), ("kmeans10", 10, 0.71)]
     assert 0 <= summary["total_s"] < 60 and summary["clusters"] == 7
     out = capsys.readouterr().out
-    assert "raw pixels: linear +4.0, k-NN +4.0" in out and "NMI +0.110" in out
-    assert str(run_dir / "clusters" / "overview.png") in out
+    assert "raw pixels: linear +4.0, k-NN +4.0" in out and "NMI +0.180" in out
+    assert "NMI +0.210" in out
+    assert str(run_dir / "clusters_prototypes" / "overview.png") in out
 
 
 def test_summary_refuses_missing_keys(tmp_path):
@@ -75,9 +82,11 @@ def test_summary_refuses_missing_keys(tmp_path):
 
 def test_cluster_flags_parse_with_assign_clusters():
     import assign_clusters
-    args = assign_clusters.get_args_parser().parse_args(
-        ["--data_path", "d", "--pretrained", "c", *demo.SIZES, *demo.BACKBONE, *demo.CLUSTERS])
-    assert args.mode in ("balanced", "argmax") and args.center_crop == int(demo.SIZES[-1])
+    for flags in demo.CLUSTERINGS.values():
+        args = assign_clusters.get_args_parser().parse_args(
+            ["--data_path", "d", "--pretrained", "c", *demo.SIZES, *demo.BACKBONE,
+             *demo.CLUSTER_VIEW, *flags])
+        assert args.mode in ("kmeans", "argmax") and args.center_crop == int(demo.SIZES[-1])
 
 
 def test_evaluations_run_in_process_with_their_logs(tmp_path, no_launcher):
@@ -100,3 +109,22 @@ def test_evaluations_run_in_process_with_their_logs(tmp_path, no_launcher):
                                             "--dump_path", str(tmp_path / "c"), "--arch",
                                             "pixels"], str(tmp_path / "bad.log"))
     assert "missing" in (tmp_path / "bad.log").read_text()
+
+
+def test_simsiam_has_no_prototype_clustering(tmp_path, monkeypatch):
+    """SimSiam has no prototypes: only the k-means clustering runs (argmax would stop the demo
+    with assign_clusters' 'needs prototypes' error), and summary.json's cluster_nmi is its."""
+    flags_seen = []
+    monkeypatch.setattr(demo.make_demo_data, "export", lambda *a, **k: 0)
+    monkeypatch.setattr(demo, "pretrain", lambda *a: 1.0)
+    monkeypatch.setattr(demo, "evaluate", lambda *a: (70.0, 70.0, 1.0))
+    monkeypatch.setattr(demo.plot_stats, "plot", lambda d: os.path.join(d, "plot.png"))
+    monkeypatch.setattr(demo, "cluster", lambda *a: flags_seen.append(a[-1]) or {
+        "mode": "kmeans", "clusters": 10, "non_empty": 10, "nmi": 0.6, "ari": 0.4,
+        "overview": "o.png"})
+    monkeypatch.setattr(demo, "pixel_kmeans", lambda x, y, k: {"nmi": 0.5, "ari": 0.3})
+    demo.main(["--method", "simsiam", "--out", str(tmp_path), "--data", str(tmp_path / "d"),
+               "--tensorboard", "false"])
+    assert flags_seen == [demo.CLUSTERINGS["kmeans10"]]
+    summary = json.loads((tmp_path / "simsiam" / "summary.json").read_text())
+    assert summary["cluster_nmi"] == 0.6 and summary["cluster_mode"] == "kmeans"

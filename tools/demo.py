@@ -54,6 +54,7 @@ class Method(NamedTuple):
     args: list
     epochs: int
     summary: str
+    prototypes: bool = True
 
 
 METHODS = {
@@ -69,18 +70,21 @@ METHODS = {
     "simsiam": Method("SimSiam", "main_simsiam.py", [
         "--size_crop", "24", "--min_scale_crop", "0.2", "--blur", "none", "--dim", "512",
         "--pred_dim", "128", "--base_lr", "0.2", "--fix_pred_lr", "true", "--wd", "5e-4"],
-        16, "2 x 24x24 views, 512-d projector"),
+        16, "2 x 24x24 views, 512-d projector", prototypes=False),
 }
 # evaluation on 32x32 images, no resizing; the linear head trains on features computed once
 SIZES = ["--resize", "24", "--center_crop", "24"]
 LINEAR = ["--cache_features", "true", "--train_crop", "24", "--epochs", "100",
           "--batch_size", "256", "--lr", "0.3", "--wd", "1e-6", "--log_freq", "1000"]
 KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
-# each val image to its nearest trained prototype (argmax; measured: NMI 0.502, ARI 0.230 against
-# 0.464 / 0.091 with --mode balanced, whose near-equal sizes split classes into 10-image clusters);
-# raw-pixel k-means gets all K = 100 clusters, argmax leaves some prototypes empty
-CLUSTERS = ["--mode", "argmax", "--thumb_size", "32", "--overview_clusters", "20",
-            "--batch_size", "256"]
+# two clusterings of the val images by the trained network, each beside scikit-learn k-means on
+# the raw pixels with the same K: (1) each image to its nearest learned prototype (argmax, the
+# demo's K = 100; measured: NMI 0.502, ARI 0.230 against 0.464 / 0.091 with --mode balanced, whose
+# near-equal sizes split classes into 10-image clusters; SwAV and DeepCluster-v2 only, SimSiam has
+# no prototypes), (2) k-means with K = 10 (the number of classes) on the backbone's features
+CLUSTERINGS = {"prototypes": ["--mode", "argmax"],
+               "kmeans10": ["--mode", "kmeans", "--nmb_clusters", "10"]}
+CLUSTER_VIEW = ["--thumb_size", "32", "--overview_clusters", "20", "--batch_size", "256"]
 WORKERS = 2
 # torch's default threads (0): 1.7x faster per iteration than one thread on an idle 2-core AVX2
 # CPU; on cores busy with other jobs two OpenMP threads wait on each other (measured 5x slower):
@@ -174,14 +178,14 @@ def evaluate(data, dump, model_args, workers, tensorboard):
     return float(linear), float(knn), time.time() - start
 
 
-def cluster(data, dump, checkpoint, model_args, workers, tensorboard):
-    """The val images assigned to the trained network's prototypes (assign_clusters.py,
-    CLUSTERS): its metrics.json, with the overview's path."""
+def cluster(data, dump, checkpoint, model_args, workers, tensorboard, flags):
+    """The val images clustered by the trained network (assign_clusters.py with `flags`, one of
+    CLUSTERINGS): its metrics.json, with the overview's path."""
     os.makedirs(dump, exist_ok=True)
     run_in_process("assign_clusters.py", [
         "--data_path", os.path.join(data, "val"), "--dump_path", dump, "--pretrained", checkpoint,
-        "--workers", str(workers), "--tensorboard", tensorboard, *SIZES, *model_args, *CLUSTERS],
-        os.path.join(dump, "console_assign_clusters.log"))
+        "--workers", str(workers), "--tensorboard", tensorboard, *SIZES, *model_args,
+        *CLUSTER_VIEW, *flags], os.path.join(dump, "console_assign_clusters.log"))
     with open(os.path.join(dump, "metrics.json")) as f:
         return {**json.load(f), "overview": os.path.join(dump, "overview.png")}
 
@@ -265,15 +269,25 @@ def main(argv=None):
         print(f"  {name}: linear {linear:.1f}, k-NN {knn:.1f} ({seconds:.0f}s)")
 
     # 4. the trained network as a clusterer, beside k-means on the raw pixels with the same K
-    start = time.time()
-    clusters = cluster(args.data, os.path.join(run_dir, "clusters"), checkpoint, BACKBONE,
-                       args.workers, args.tensorboard)
     subset = make_demo_data.load_subset()
-    pixels = pixel_kmeans(subset["x_test"], subset["y_test"], clusters["clusters"])
-    print(f"[4/5] clusters of the 1000 val images ({clusters['mode']}, K = {clusters['clusters']}"
-          f", {clusters['non_empty']} non-empty; {time.time() - start:.0f}s): "
-          f"{method.label} NMI {clusters['nmi']:.3f} ARI {clusters['ari']:.3f}, raw-pixel k-means "
-          f"NMI {pixels['nmi']:.3f} ARI {pixels['ari']:.3f}")
+    clusterings = []
+    for name, flags in CLUSTERINGS.items():
+        if name == "prototypes" and not method.prototypes:
+            continue
+        start = time.time()
+        found = cluster(args.data, os.path.join(run_dir, f"clusters_{name}"), checkpoint,
+                        BACKBONE, args.workers, args.tensorboard, flags)
+        pixels = pixel_kmeans(subset["x_test"], subset["y_test"], found["clusters"])
+        clusterings.append({"name": name, "mode": found["mode"], "K": found["clusters"],
+                            "non_empty": found["non_empty"], "nmi": found["nmi"],
+                            "ari": found["ari"], "pixels_kmeans_nmi": pixels["nmi"],
+                            "pixels_kmeans_ari": pixels["ari"], "overview": found["overview"]})
+        what = "learned prototypes, argmax" if name == "prototypes" else "k-means on its features"
+        print(f"[4/5] clusters of the 1000 val images ({what}, K = {found['clusters']}, "
+              f"{found['non_empty']} non-empty; {time.time() - start:.0f}s): {method.label} NMI "
+              f"{found['nmi']:.3f} ARI {found['ari']:.3f}, raw-pixel k-means NMI "
+              f"{pixels['nmi']:.3f} ARI {pixels['ari']:.3f}")
+    first = clusterings[0]  # the prototypes where the method has them
 
     # 5. plot, table and summary
     plot = plot_stats.plot(run_dir)
@@ -286,26 +300,29 @@ def main(argv=None):
           "(target: >= +3 / >= +3)")
     print(f"  {method.label} - raw pixels: linear {lin_s - lin_p:+.1f}, k-NN {knn_s - knn_p:+.1f} "
           "(target: >= +3 / >= +3)")
-    print(f"  {method.label} clusters - raw-pixel k-means: NMI "
-          f"{clusters['nmi'] - pixels['nmi']:+.3f} (target: >= +0.05)")
+    for c in clusterings:
+        print(f"  {method.label} clusters ({c['name']}, K = {c['K']}) - raw-pixel k-means: NMI "
+              f"{c['nmi'] - c['pixels_kmeans_nmi']:+.3f} (target: >= +0.05)")
     total = time.time() - t0
     summary = write_summary(
         os.path.join(run_dir, "summary.json"), total_s=round(total, 1),
         **{k: round(v, 2) for k, v in (("trained_linear", lin_s), ("trained_knn", knn_s),
                                          ("untrained_linear", lin_u), ("untrained_knn", knn_u),
                                          ("pixels_linear", lin_p), ("pixels_knn", knn_p))},
-        **{k: round(v, 4) for k, v in (("cluster_nmi", clusters["nmi"]),
-                                         ("pixels_kmeans_nmi", pixels["nmi"]),
-                                         ("cluster_ari", clusters["ari"]),
-                                         ("pixels_kmeans_ari", pixels["ari"]))},
-        cluster_mode=clusters["mode"],
-        clusters=clusters["clusters"], pretrain_s=round(t_pre, 1), epochs=epochs)
+        **{k: round(first[v], 4) for k, v in (("cluster_nmi", "nmi"),
+                                                ("pixels_kmeans_nmi", "pixels_kmeans_nmi"),
+                                                ("cluster_ari", "ari"),
+                                                ("pixels_kmeans_ari", "pixels_kmeans_ari"))},
+        cluster_mode=first["mode"], clusters=first["K"],
+        clusterings=[{k: round(v, 4) if isinstance(v, float) else v for k, v in c.items()}
+                     for c in clusterings], pretrain_s=round(t_pre, 1), epochs=epochs)
     print(f"\n  total time {total:.0f}s")
     print(f"  checkpoint: {checkpoint}")
     print(f"  logs:       {os.path.join(run_dir, 'train.log')}, eval_linear.log, eval_knn.log")
     print(f"  plot:       {plot}")
-    print(f"  clusters:   {clusters['overview']} (contact sheets in "
-          f"{os.path.join(os.path.dirname(clusters['overview']), 'sheets')})")
+    for c in clusterings:
+        print(f"  clusters:   {c['overview']} (contact sheets in "
+              f"{os.path.join(os.path.dirname(c['overview']), 'sheets')})")
     print(f"  summary:    {summary}")
     if args.tensorboard.lower() in ("true", "1", "on"):
         print(f"  tensorboard --logdir {args.out}")
