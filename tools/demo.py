@@ -42,7 +42,7 @@ BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "8"]
 # wipes out a small crop; 16x16 multi-crops made the features worse in this budget); prototypes
 # well above the feature dimension (with fewer prototypes than dimensions the head can map every
 # crop orthogonally to all of them: uniform scores, loss stuck at ln K)
-CROPS = ["--nmb_crops", "2", "--size_crops", "24", "--min_scale_crops", "0.2",
+CROPS = ["--nmb_crops", "2", "--size_crops", "20", "--min_scale_crops", "0.2",
          "--max_scale_crops", "1", "--crops_for_assign", "0", "1", "--blur", "none"]
 COMMON = ["--batch_size", "64", "--use_fp16", "true", "--log_freq", "10",
           "--checkpoint_freq", "1000"]
@@ -60,21 +60,21 @@ class Method(NamedTuple):
 METHODS = {
     "swav": Method("SwAV", "main_swav.py", [
         *CROPS, "--nmb_prototypes", "100", "--feat_dim", "32", "--hidden_mlp", "512",
-        "--epsilon", "0.05", "--temperature", "0.2", "--base_lr", "0.6", "--final_lr", "0.0006",
+        "--epsilon", "0.05", "--temperature", "0.1", "--base_lr", "2.4", "--final_lr", "0.0024",
         "--warmup_epochs", "1", "--freeze_prototypes_niters", "78", "--queue_length", "0",
-        "--wd", "1e-6"], 16, "2 x 24x24 crops, 100 prototypes"),
+        "--wd", "1e-6"], 80, "2 x 20x20 crops, 100 prototypes"),
     "deepclusterv2": Method("DeepCluster-v2", "main_deepclusterv2.py", [
         *CROPS, "--nmb_prototypes", "100", "100", "100", "--feat_dim", "32",
         "--hidden_mlp", "512", "--temperature", "0.1", "--base_lr", "0.6", "--final_lr", "0.0006",
-        "--warmup_epochs", "1", "--wd", "1e-6"], 16, "2 x 24x24 crops, 3 x 100 k-means clusters"),
+        "--warmup_epochs", "1", "--wd", "1e-6"], 80, "2 x 20x20 crops, 3 x 100 k-means clusters"),
     "simsiam": Method("SimSiam", "main_simsiam.py", [
-        "--size_crop", "24", "--min_scale_crop", "0.2", "--blur", "none", "--dim", "512",
+        "--size_crop", "20", "--min_scale_crop", "0.2", "--blur", "none", "--dim", "512",
         "--pred_dim", "128", "--base_lr", "0.2", "--fix_pred_lr", "true", "--wd", "5e-4"],
-        16, "2 x 24x24 views, 512-d projector", prototypes=False),
+        80, "2 x 20x20 views, 512-d projector", prototypes=False),
 }
 # evaluation on 32x32 images, no resizing; the linear head trains on features computed once
-SIZES = ["--resize", "24", "--center_crop", "24"]
-LINEAR = ["--cache_features", "true", "--train_crop", "24", "--epochs", "100",
+SIZES = ["--resize", "32", "--center_crop", "32"]
+LINEAR = ["--cache_features", "true", "--train_crop", "32", "--epochs", "100",
           "--batch_size", "256", "--lr", "0.3", "--wd", "1e-6", "--log_freq", "1000"]
 KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
 # two clusterings of the val images by the trained network, each beside scikit-learn k-means on
