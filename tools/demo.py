@@ -86,10 +86,11 @@ CLUSTERINGS = {"prototypes": ["--mode", "argmax"],
                "kmeans10": ["--mode", "kmeans", "--nmb_clusters", "10"]}
 CLUSTER_VIEW = ["--thumb_size", "32", "--overview_clusters", "20", "--batch_size", "256"]
 WORKERS = 2
-# torch's default threads (0): 1.7x faster per iteration than one thread on an idle 2-core AVX2
-# CPU; on cores busy with other jobs two OpenMP threads wait on each other (measured 5x slower):
-# there, --threads 1 (README "Demo")
-THREADS = 0
+# one torch thread: the width-8 step is faster on one thread than on two on an idle 2-core AVX2
+# CPU (0.078 against 0.137 s per iteration, 2 x 20x20 crops: the small convolutions do not pay for
+# the OpenMP hand-offs, and the second core is left to the two loader workers); on cores shared
+# with other jobs one thread is the better setting anyway (README "Demo"); 0: torch's default
+THREADS = 1
 
 PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss -?[\d.]+ \((-?[\d.]+)\)")
 
