@@ -124,7 +124,7 @@ def test_demo_methods_and_progress_line():
         module = importlib.import_module(method.script[:-3])
         args = module.get_args_parser().parse_args(
             ["--data_path", "d", "--dump_path", "r", *demo.BACKBONE, *demo.COMMON, *method.args])
-        assert args.batch_size == 64 and args.width == 16, name
+        assert args.batch_size == 64 and args.width == int(demo.BACKBONE[-1]), name
     line = "Epoch: [{}][20]\tTime 0.132 (0.141)\tData 0.007 (0.004)\tLoss {} ({})\tLr: 0.0352"
     assert demo.PROGRESS.search(line.format(11, -0.812, -0.7852)).groups() == ("11", "20", "-0.7852")
     assert demo.PROGRESS.search(line.format(1, 3.812, 3.7852)).groups() == ("1", "20", "3.7852")
