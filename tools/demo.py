@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+import traceback
 from typing import NamedTuple
 
 import pandas as pd
@@ -106,9 +107,13 @@ def run(cmd, log_path, on_line=None):
                 on_line(line)
         proc.wait()
     if proc.returncode != 0:
-        tail = open(log_path).read().strip().splitlines()[-15:]
-        sys.exit(f"error: {' '.join(cmd[:1])} failed (exit {proc.returncode}); end of "
-                 f"{log_path}:\n" + "\n".join(tail))
+        fail(cmd[0], f"exit {proc.returncode}", log_path)
+
+
+def fail(script, why, log_path):
+    """End the demo: one line naming the step, then the end of its log."""
+    tail = open(log_path).read().strip().splitlines()[-15:]
+    sys.exit(f"error: {script} failed ({why}); end of {log_path}:\n" + "\n".join(tail))
 
 
 def run_in_process(script, argv, log_path):
@@ -128,14 +133,12 @@ def run_in_process(script, argv, log_path):
             module.main(args)
             failed = None
         except Exception as e:  # noqa: BLE001 -- reported with the log's end, as run() does
-            import traceback
             traceback.print_exc()
             failed = e
         finally:
             du.destroy()
     if failed is not None:
-        tail = open(log_path).read().strip().splitlines()[-15:]
-        sys.exit(f"error: {script} failed ({failed!r}); end of {log_path}:\n" + "\n".join(tail))
+        fail(script, repr(failed), log_path)
 
 
 def pretrain(method, data, dump, epochs, workers, tensorboard):
