@@ -43,7 +43,8 @@ def check_shared_args(args):
     if args.width < 0:  # 0 is the arch's default; a negative one fails in a conv
         raise UsageError(f"--width must be > 0 (or 0: the arch's default, 64 x widen), got "
                          f"{args.width}")
-    dali.check_backend(args)  # --data_backend dali: the package, a GPU, the flags it supports
+    if "data_backend" in vars(args):  # the pre-trainings' flag (add_data_backend_arg)
+        dali.check_backend(args)  # --data_backend dali: the package, a GPU, the flags it supports
 
 
 def add_multicrop_args(parser):

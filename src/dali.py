@@ -46,9 +46,9 @@ CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop's
 def check_backend(args):
     """One-line errors for --data_backend dali where it cannot run: --device cpu, DALI not
     installed, no CUDA GPU. Returns DALI's modules (None for the pytorch backend)."""
-    if getattr(args, "data_backend", "pytorch") != "dali":
+    if args.data_backend != "dali":
         return None
-    if str(getattr(args, "device", "auto")).startswith("cpu"):
+    if str(args.device).startswith("cpu"):
         raise UsageError("--data_backend dali decodes and augments on the GPU: it cannot run with "
                          "--device cpu (use --data_backend pytorch)")
     modules = require_dali()
