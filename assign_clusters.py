@@ -1,6 +1,7 @@
 """Each image of a folder to a cluster, with a pre-trained network (not in the original SwAV
 code): SwAV's prototypes (DeepCluster-v2's, --head i) by nearest prototype (--mode argmax) or by
-Sinkhorn-Knopp over the whole set (--mode balanced: near-equal sizes), or spherical k-means on
+Sinkhorn-Knopp over the whole set (--mode balanced: near-equal sizes), either one optionally
+with the prototypes grouped into K clusters (--prototype_groups K), or spherical k-means on
 the backbone's features (--mode kmeans; any backbone, or --nmb_clusters K). Writes
 assignments.csv, metrics.json (NMI, ARI, purity when the folder has classes), a contact sheet
 per cluster under sheets/ and overview.png. src/clusters.py says how each confidence is defined.
@@ -15,7 +16,7 @@ from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.clusters import (MODES, FeatureProgress, ImageListDataset, assign_argmax,
                           assign_balanced, assign_kmeans, build_network, cluster_metrics,
-                          contact_sheets, prototype_scores, prototype_weights, save_features,
+                          contact_sheets, group_prototypes, prototype_scores, prototype_weights, save_features,
                           write_assignments, write_json)
 from src.engine import job_image_list
 from src.errors import UsageError
@@ -49,6 +50,10 @@ def get_args_parser():
     parser.add_argument("--nmb_clusters", type=int, default=0,
                         help="K for k-means (default: the number of prototypes of --head); "
                              "implies --mode kmeans")
+    parser.add_argument("--prototype_groups", type=int, default=0,
+                        help="argmax / balanced: group the prototypes into this many clusters "
+                             "(k-means on the prototype vectors, each weighted by the images it "
+                             "holds) and give each image its prototype's group (0: no grouping)")
     parser.add_argument("--head", type=int, default=0,
                         help="which prototype head (DeepCluster-v2 has several)")
     parser.add_argument("--epsilon", type=float, default=None,
@@ -82,6 +87,9 @@ def choose_mode(args, has_prototypes):
                          f"{args.pretrained or '(none)'} has none (SimSiam, torchvision, a "
                          "backbone): use --mode kmeans --nmb_clusters K")
     mode = args.mode or ("argmax" if has_prototypes and not args.nmb_clusters else "kmeans")
+    if args.prototype_groups < 0 or (args.prototype_groups and mode == "kmeans"):
+        raise UsageError(f"--prototype_groups {args.prototype_groups} groups the prototypes of "
+                         "--mode argmax|balanced: give K >= 1 with one of them, 0 otherwise")
     if mode == "kmeans" and not args.nmb_clusters and not has_prototypes:
         raise UsageError(f"--pretrained {args.pretrained or '(none)'} has no prototypes: give "
                          "--nmb_clusters K for k-means")
@@ -95,7 +103,7 @@ def mode_settings(args, mode, flags):
         if args.kmeans_iters < 0:
             raise UsageError(f"--kmeans_iters must be >= 0, got {args.kmeans_iters}")
         return {"mode": mode, "kmeans_iters": args.kmeans_iters, "seed": args.seed}
-    settings = {"mode": mode, "head": args.head}
+    settings = {"mode": mode, "head": args.head, "prototype_groups": args.prototype_groups}
     if mode == "argmax":
         settings["temperature"] = flags.get("temperature", 0.1)
         return settings
@@ -117,6 +125,14 @@ def assign(settings, net, prototypes, feats, local, args):
         return (*assign_argmax(scores, settings["temperature"]), len(prototypes))
     return (*assign_balanced(scores.to(args.device), settings["epsilon"],
                              settings["sinkhorn_iterations"]), len(prototypes))
+
+
+def log_sizes(what, cluster, K, settings):
+    sizes = torch.bincount(cluster, minlength=K)
+    logger.info(f"{what}: {len(cluster)} images in {int((sizes > 0).sum())} non-empty of {K} "
+                f"clusters (largest {int(sizes.max())}, smallest non-empty "
+                f"{int(sizes[sizes > 0].min())}) " + " ".join(f"{k}={v}" for k, v in
+                                                             settings.items() if k != "mode"))
 
 
 def main(args):
@@ -149,14 +165,20 @@ def main(args):
     # each rank assigns its shard; Sinkhorn and k-means sums run over all shards
     cluster, conf, K = assign(settings, net, prototypes, feats, local, args)
     conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset))
+    log_sizes(mode, cluster, K, settings)
+    result = {**settings, "images": len(dataset)}
+    if args.prototype_groups:  # the same on every rank: every rank holds all assignments
+        groups = group_prototypes(prototypes.cpu(), cluster.numpy(), args.prototype_groups,
+                                  args.seed)
+        result["prototypes"] = {"clusters": K, "non_empty": int(torch.bincount(
+            cluster, minlength=K).gt(0).sum())}
+        if images.labels is not None:
+            result["prototypes"].update(cluster_metrics(images.labels, cluster.numpy()))
+        result["prototype_group"] = groups.tolist()
+        cluster, K = torch.from_numpy(groups)[cluster], args.prototype_groups
+        log_sizes(f"{K} groups of the prototypes", cluster, K, {})
     sizes = torch.bincount(cluster, minlength=K)
-    logger.info(f"{mode}: {len(dataset)} images in {int((sizes > 0).sum())} non-empty of {K} "
-                f"clusters (largest {int(sizes.max())}, smallest non-empty "
-                f"{int(sizes[sizes > 0].min())}) " + " ".join(f"{k}={v}" for k, v in
-                                                             settings.items() if k != "mode"))
-
-    result = {**settings, "images": len(dataset), "clusters": K,
-              "non_empty": int((sizes > 0).sum()), "sizes": sizes.tolist()}
+    result.update({"clusters": K, "non_empty": int((sizes > 0).sum()), "sizes": sizes.tolist()})
     if images.labels is not None and args.rank == 0:
         result.update(cluster_metrics(images.labels, cluster.numpy()))
         logger.info(f"NMI {result['nmi']:.4f}  ARI {result['ari']:.4f}  purity "

@@ -10,6 +10,9 @@
   - balanced: Sinkhorn-Knopp (src/sinkhorn.py) over the whole set of scores with the training
     epsilon, then argmax: near-equal cluster sizes. Confidence: the Sinkhorn probability (each
     image's row of Q sums to 1);
+  - --prototype_groups K (argmax, balanced): the prototypes grouped into K clusters by
+    k-means on their vectors, each weighted by the images it holds; an image goes to its
+    prototype's group and keeps its prototype's confidence;
   - kmeans: spherical k-means (src/kmeans.py) on the L2-normalised pooled backbone features.
     Confidence: the cosine to the image's centroid;
 - metrics against known labels (scikit-learn), the CSV, and contact sheets.
@@ -211,6 +214,24 @@ def assign_kmeans(all_feats, local_index, K, nmb_iters, seed, device):
     local = feats[local_index].to(device)
     centroids, cluster, _ = spherical_kmeans(local, K, nmb_iters, centroids=init.to(device))
     return cluster.cpu(), (local * centroids[cluster]).sum(dim=1).cpu()
+
+
+def group_prototypes(prototypes, cluster, K, seed):
+    """The group (0..K-1) of each of the normalised `prototypes` (-1 for one no image chose),
+    from the images' prototypes `cluster`: scikit-learn k-means (10 k-means++ starts, `seed`) on
+    the prototypes that hold images, each weighted by how many. The prototypes are finer than
+    the classes (SwAV trains more of them than there are classes); grouping them gives K
+    clusters without training again."""
+    from sklearn.cluster import KMeans
+    counts = np.bincount(cluster, minlength=len(prototypes))
+    used = np.flatnonzero(counts)
+    if not 1 <= K <= len(used):
+        raise UsageError(f"--prototype_groups {K}: needs 1 <= K <= the {len(used)} prototypes "
+                         "that hold images")
+    groups = np.full(len(prototypes), -1)
+    groups[used] = KMeans(n_clusters=K, n_init=10, random_state=seed).fit_predict(
+        prototypes[used].double().numpy(), sample_weight=counts[used])
+    return groups
 
 
 def cluster_metrics(labels, clusters):

@@ -162,6 +162,40 @@ def test_balanced_evens_out_the_sizes_argmax_leaves_unbalanced(fitted, tmp_path)
     assert [int(r["cluster"]) for r in rows] == balanced["assignments"].tolist()
 
 
+def test_prototype_groups_merge_the_finer_prototypes_into_the_classes(fitted, tmp_path):
+    """8 prototypes, two per class (each class mean turned a little either way): argmax splits
+    every class in two, --prototype_groups 4 gives the classes back; the prototype-level
+    figures stay in metrics.json."""
+    model = tiny_swav(nmb_prototypes=8)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in fitted["model"].state_dict().items()
+                               if not k.startswith("prototypes")}, strict=False)
+        means = fitted["means"]
+        turn = F.normalize(torch.randn(4, means.shape[1], generator=generator), dim=1)
+        turn = F.normalize(turn - (turn * means).sum(1, keepdim=True) * means, dim=1)
+        model.prototypes.weight.copy_(torch.cat([means + 0.3 * turn, means - 0.3 * turn]))
+    ckpt = save_checkpoint(model, tmp_path / "eight.pth", temperature=0.1)
+    finer = run(fitted["data"], str(tmp_path / "finer"), ckpt)
+    assert finer["clusters"] == 8 and finer["nmi"] < 0.95  # each class split between two
+
+    res = run(fitted["data"], str(tmp_path / "grouped"), ckpt, "--prototype_groups", "4")
+    assert res["mode"] == "argmax" and res["clusters"] == 4 and sorted(res["sizes"]) == [10] * 4
+    assert res["nmi"] == pytest.approx(1.0) and res["ari"] == pytest.approx(1.0)
+    groups = res["prototype_group"]
+    assert [groups[c] == groups[c + 4] for c in range(4)] == [True] * 4  # a class's two
+    assert len(set(groups)) == 4
+    # each image: its prototype's group and its prototype's confidence
+    assert res["assignments"].tolist() == [groups[c] for c in finer["assignments"].tolist()]
+    assert torch.equal(res["confidence"], finer["confidence"])
+    metrics = json.loads((tmp_path / "grouped" / "metrics.json").read_text())
+    assert metrics["prototypes"]["clusters"] == 8
+    assert metrics["prototypes"]["nmi"] == pytest.approx(finer["nmi"])
+    rows = read_csv(tmp_path / "grouped" / "assignments.csv")
+    assert [int(r["cluster"]) for r in rows] == res["assignments"].tolist()
+    assert len(os.listdir(tmp_path / "grouped" / "sheets")) == 4
+
+
 def test_kmeans_on_a_backbone_without_prototypes_flat_folder(tmp_path):
     """A plain backbone (torchvision-style state dict: no head) on a flat folder: k-means, no
     labels, so no metrics but everything else; the same images as an ImageFolder give NMI 1."""
@@ -209,6 +243,8 @@ def test_deepcluster_heads_and_bad_input_are_one_line_errors(fitted, tmp_path, m
         ([str(tmp_path / "backbone.pth"), "--mode", "argmax"], "--mode argmax needs prototypes"),
         ([str(tmp_path / "backbone.pth")], "give --nmb_clusters K"),
         ([dc_ckpt, "--mode", "balanced", "--nmb_clusters", "3"], "give one of them"),
+        ([dc_ckpt, "--nmb_clusters", "3", "--prototype_groups", "2"], "--mode argmax|balanced"),
+        ([dc_ckpt, "--prototype_groups", "5"], "prototypes that hold images"),
         ([str(tmp_path / "backbone.pth"), "--nmb_clusters", "41"], "K <= the 40 images"),
     ]
     empty = tmp_path / "empty"

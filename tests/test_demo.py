@@ -46,9 +46,11 @@ def test_stubbed_run_writes_summary_json(tmp_path, monkeypatch, capsys):
 
     def cluster(data, dump, checkpoint, model_args, workers, tensorboard, flags):
         calls.append((checkpoint, flags))
-        k = 10 if "--nmb_clusters" in flags else 7
-        return {"mode": flags[1], "clusters": k, "non_empty": k, "nmi": 0.61 + k / 100,
-                "ari": 0.4, "overview": os.path.join(dump, "overview.png")}
+        grouped = "--prototype_groups" in flags
+        k = int(flags[flags.index("--prototype_groups" if grouped else "--nmb_clusters") + 1])
+        return {"mode": flags[1], "clusters": k, "non_empty": k, "nmi": 0.68 if grouped else 0.71,
+                "ari": 0.4, "overview": os.path.join(dump, "overview.png"),
+                **({"prototypes": {"clusters": 100}} if grouped else {})}
     monkeypatch.setattr(demo, "cluster", cluster)
     monkeypatch.setattr(demo, "pixel_kmeans", lambda x, y, k: (
         calls.append(k) or {"nmi": 0.5, "ari": 0.3, "purity": 0.6}))
@@ -56,9 +58,9 @@ def test_stubbed_run_writes_summary_json(tmp_path, monkeypatch, capsys):
                "--tensorboard", "false"])
     run_dir = tmp_path / "run" / "swav"
     ckpt = str(run_dir / "checkpoint.pth.tar")
-    # the prototypes, then k-means with K = 10; the pixels get the same K each time
-    assert calls == [(ckpt, demo.CLUSTERINGS["prototypes"]), 7,
-                     (ckpt, demo.CLUSTERINGS["kmeans10"]), 10]
+    # the prototypes grouped into 10, then k-means with K = 10; one pixel k-means for that K
+    assert calls == [(ckpt, demo.CLUSTERINGS["prototypes"]), 10,
+                     (ckpt, demo.CLUSTERINGS["kmeans10"])]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert list(summary)[:len(demo.SUMMARY_KEYS)] == list(demo.SUMMARY_KEYS)
     assert (summary["trained_linear"], summary["trained_knn"]) == (84.0, 82.5)
@@ -66,11 +68,11 @@ def test_stubbed_run_writes_summary_json(tmp_path, monkeypatch, capsys):
     assert (summary["pixels_linear"], summary["pixels_knn"]) == (80.0, 78.5)
     assert (summary["cluster_nmi"], summary["pixels_kmeans_nmi"]) == (0.68, 0.5)
     assert [(c["name"], c["K"], c["nmi"]) for c in summary["clusterings"]] == [
-        ("prototypes", 7, 0.68), ("kmeans10", 10, 0.71)]
-    assert 0 <= summary["total_s"] < 60 and summary["clusters"] == 7
+        ("prototypes", 10, 0.68), ("kmeans10", 10, 0.71)]
+    assert 0 <= summary["total_s"] < 60 and summary["clusters"] == 10
     out = capsys.readouterr().out
     assert "raw pixels: linear +4.0, k-NN +4.0" in out and "NMI +0.180" in out
-    assert "NMI +0.210" in out
+    assert "NMI +0.210" in out and "its 100 learned prototypes grouped into 10" in out
     assert str(run_dir / "clusters_prototypes" / "overview.png") in out
 
 
