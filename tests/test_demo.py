@@ -130,3 +130,12 @@ def test_simsiam_has_no_prototype_clustering(tmp_path, monkeypatch):
     assert flags_seen == [demo.CLUSTERINGS["kmeans10"]]
     summary = json.loads((tmp_path / "simsiam" / "summary.json").read_text())
     assert summary["cluster_nmi"] == 0.6 and summary["cluster_mode"] == "kmeans"
+
+
+def test_progress_line_waits_for_the_start_up_before_an_eta():
+    line = "INFO - 0:00:06 - Epoch: [{}][{}]\tTime 0.1 (0.1)\tData 0.0 (0.0)\tLoss 6.0 (6.0)\tLr: 0.1"
+    assert demo.progress_line("INFO - Starting epoch 0", 78, 80, 5.0) is None
+    first = demo.progress_line(line.format(0, 0), 78, 80, 6.0)
+    assert "iteration 1/6240" in first and first.endswith("ETA -")
+    later = demo.progress_line(line.format(1, 21), 78, 80, 10.0)  # 100 done, 6140 left
+    assert "epoch 2/80, iteration 100/6240, loss 6.000" in later and later.endswith("ETA 614s")

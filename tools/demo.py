@@ -95,6 +95,7 @@ WORKERS = 2
 # with other jobs one thread is the better setting anyway (README "Demo"); 0: torch's default
 THREADS = 1
 
+ETA_AFTER = 50  # iterations
 PROGRESS = re.compile(r"Epoch: \[(\d+)\]\[(\d+)\].*?Loss -?[\d.]+ \((-?[\d.]+)\)")
 
 
@@ -143,21 +144,27 @@ def run_in_process(script, argv, log_path):
         fail(script, repr(failed), log_path)
 
 
+def progress_line(line, niter, epochs, elapsed):
+    """The console's progress text for a train.log line with an `Epoch: [e][i]` entry, else
+    None. No ETA over the first ETA_AFTER iterations: they carry the start-up (iteration 1 of
+    the demo predicted 34,732 s)."""
+    m = PROGRESS.search(line)
+    if not m:
+        return None
+    done, total = int(m.group(1)) * niter + int(m.group(2)) + 1, niter * epochs
+    eta = f"{elapsed / done * (total - done):.0f}s" if done > ETA_AFTER else "-"
+    return (f"pre-training: epoch {int(m.group(1)) + 1}/{epochs}, iteration {done}/{total}, "
+            f"loss {float(m.group(3)):.3f}, {elapsed:.0f}s elapsed, ETA {eta}")
+
+
 def pretrain(method, data, dump, epochs, workers, tensorboard):
     niter = image_count(os.path.join(data, "train")) // int(COMMON[COMMON.index("--batch_size") + 1])
-    total = niter * epochs
     start = time.time()
 
     def on_line(line):
-        m = PROGRESS.search(line)
-        if not m:
-            return
-        done = int(m.group(1)) * niter + int(m.group(2)) + 1
-        elapsed = time.time() - start
-        eta = elapsed / done * (total - done)
-        print(f"\r  pre-training: epoch {int(m.group(1)) + 1}/{epochs}, iteration {done}/{total}, "
-              f"loss {float(m.group(3)):.3f}, {elapsed:.0f}s elapsed, ETA {eta:.0f}s   ",
-              end="", flush=True)
+        text = progress_line(line, niter, epochs, time.time() - start)
+        if text:
+            print(f"\r  {text}   ", end="", flush=True)
 
     run([method.script, "--data_path", os.path.join(data, "train"), "--dump_path", dump,
          "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard, *BACKBONE, *COMMON,
