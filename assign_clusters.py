@@ -16,8 +16,8 @@ from src import distributed as du
 from src.cli import add_distributed_args, run_main
 from src.clusters import (MODES, FeatureProgress, ImageListDataset, assign_argmax,
                           assign_balanced, assign_kmeans, build_network, cluster_metrics,
-                          contact_sheets, group_prototypes, prototype_scores, prototype_weights, save_features,
-                          write_assignments, write_json)
+                          contact_sheets, group_prototypes, prototype_scores,
+                          prototype_weights, save_features, write_assignments, write_json)
 from src.engine import job_image_list
 from src.errors import UsageError
 from src.evaluation import (ShardSampler, add_eval_data_args, add_eval_model_args,
@@ -128,11 +128,13 @@ def assign(settings, net, prototypes, feats, local, args):
 
 
 def log_sizes(what, cluster, K, settings):
+    """The K cluster sizes of `cluster`, logged with `settings`."""
     sizes = torch.bincount(cluster, minlength=K)
     logger.info(f"{what}: {len(cluster)} images in {int((sizes > 0).sum())} non-empty of {K} "
                 f"clusters (largest {int(sizes.max())}, smallest non-empty "
                 f"{int(sizes[sizes > 0].min())}) " + " ".join(f"{k}={v}" for k, v in
                                                              settings.items() if k != "mode"))
+    return sizes
 
 
 def main(args):
@@ -165,19 +167,17 @@ def main(args):
     # each rank assigns its shard; Sinkhorn and k-means sums run over all shards
     cluster, conf, K = assign(settings, net, prototypes, feats, local, args)
     conf, cluster = gather_shards(conf.float().cpu(), cluster.long().cpu(), len(dataset))
-    log_sizes(mode, cluster, K, settings)
+    sizes = log_sizes(mode, cluster, K, settings)
     result = {**settings, "images": len(dataset)}
     if args.prototype_groups:  # the same on every rank: every rank holds all assignments
         groups = group_prototypes(prototypes.cpu(), cluster.numpy(), args.prototype_groups,
                                   args.seed)
-        result["prototypes"] = {"clusters": K, "non_empty": int(torch.bincount(
-            cluster, minlength=K).gt(0).sum())}
-        if images.labels is not None:
+        result["prototypes"] = {"clusters": K, "non_empty": int((sizes > 0).sum())}
+        if images.labels is not None and args.rank == 0:
             result["prototypes"].update(cluster_metrics(images.labels, cluster.numpy()))
         result["prototype_group"] = groups.tolist()
         cluster, K = torch.from_numpy(groups)[cluster], args.prototype_groups
-        log_sizes(f"{K} groups of the prototypes", cluster, K, {})
-    sizes = torch.bincount(cluster, minlength=K)
+        sizes = log_sizes(f"{K} groups of the prototypes", cluster, K, {})
     result.update({"clusters": K, "non_empty": int((sizes > 0).sum()), "sizes": sizes.tolist()})
     if images.labels is not None and args.rank == 0:
         result.update(cluster_metrics(images.labels, cluster.numpy()))

@@ -133,7 +133,8 @@ def test_simsiam_has_no_prototype_clustering(tmp_path, monkeypatch):
 
 
 def test_progress_line_waits_for_the_start_up_before_an_eta():
-    line = "INFO - 0:00:06 - Epoch: [{}][{}]\tTime 0.1 (0.1)\tData 0.0 (0.0)\tLoss 6.0 (6.0)\tLr: 0.1"
+    line = ("INFO - 0:00:06 - Epoch: [{}][{}]\tTime 0.1 (0.1)\tData 0.0 (0.0)\tLoss 6.0 (6.0)"
+            "\tLr: 0.1")
     assert demo.progress_line("INFO - Starting epoch 0", 78, 80, 5.0) is None
     first = demo.progress_line(line.format(0, 0), 78, 80, 6.0)
     assert "iteration 1/6240" in first and first.endswith("ETA -")

@@ -158,7 +158,8 @@ def progress_line(line, niter, epochs, elapsed):
 
 
 def pretrain(method, data, dump, epochs, workers, tensorboard):
-    niter = image_count(os.path.join(data, "train")) // int(COMMON[COMMON.index("--batch_size") + 1])
+    batch = int(COMMON[COMMON.index("--batch_size") + 1])
+    niter = image_count(os.path.join(data, "train")) // batch
     start = time.time()
 
     def on_line(line):
@@ -167,8 +168,8 @@ def pretrain(method, data, dump, epochs, workers, tensorboard):
             print(f"\r  {text}   ", end="", flush=True)
 
     run([method.script, "--data_path", os.path.join(data, "train"), "--dump_path", dump,
-         "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard, *BACKBONE, *COMMON,
-         *method.args], os.path.join(dump, "console.log"), on_line)
+         "--epochs", str(epochs), "--workers", str(workers), "--tensorboard", tensorboard,
+         *BACKBONE, *COMMON, *method.args], os.path.join(dump, "console.log"), on_line)
     print()
     return time.time() - start
 
