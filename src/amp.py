@@ -7,6 +7,7 @@
 """
 import functools
 import logging
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Optional
@@ -21,18 +22,33 @@ AMP_DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch
               "bf16": torch.bfloat16, "auto": None}
 
 
-@functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16():
-    """True when the CPU has AMX-BF16 or AVX512-BF16 instructions."""
-    flags = set()
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA, the convolutions' kernels) without bf16 instructions:
+# under such a cap bf16 convolutions run emulated, as slow as on an AVX2-only CPU
+NO_BF16_ISAS = {"sse41", "avx", "avx2", "avx2_vnni", "avx512_core", "avx512_core_vnni"}
+
+
+def cpu_flags():
+    """The instruction-set flags of /proc/cpuinfo (empty where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
+    return set()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16():
+    """True when the CPU has AMX-BF16 or AVX512-BF16 instructions and torch may use them: not
+    under ONEDNN_MAX_CPU_ISA=AVX2 (or another cap without bf16), nor ATEN_CPU_CAPABILITY=avx2
+    or lower, the settings that make an AVX-512 / AMX machine run as an AVX2-only one."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "")
+    aten = os.environ.get("ATEN_CPU_CAPABILITY", "").lower()
+    if cap.strip().lower() in NO_BF16_ISAS or aten in ("default", "avx2"):
+        return False
+    flags = cpu_flags()
     if flags:
         return bool({"amx_bf16", "avx512_bf16"} & flags)
     cpu = getattr(torch._C, "_cpu", None)
@@ -57,8 +73,9 @@ def resolve_amp(use_fp16, amp_dtype="auto", device="cpu"):
         if requested == torch.bfloat16 or cpu_has_native_bf16():
             why = "" if cpu_has_native_bf16() else " (asked for; this CPU has no native bf16: slow)"
             return torch.bfloat16, False, "bfloat16 autocast on the CPU" + why
-        return None, False, ("fp32: this CPU has no native bf16 (no AMX / AVX512-BF16), where "
-                             "bf16 autocast is 10-50x slower than fp32")
+        return None, False, ("fp32: no native bf16 here (no AMX / AVX512-BF16, or capped by "
+                             "ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY), where bf16 autocast "
+                             "is 10-50x slower than fp32")
     return None, False, f"fp32 on {device.type}"
 
 

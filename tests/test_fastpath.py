@@ -148,3 +148,38 @@ def test_bf16_step_close_to_fp32_step():
     assert cos(*everything, dim=0) > 0.8
     for n in ("prototypes.weight", "projection_head.3.weight"):
         assert cos(grads["bf16"][n], grads["fp32"][n], dim=0) > 0.99
+
+
+def test_bf16_autocast_only_where_native_and_not_capped(monkeypatch):
+    """--use_fp16 true on a CPU: bf16 where AVX512-BF16 / AMX exist, fp32 on an AVX2-only CPU
+    and under ONEDNN_MAX_CPU_ISA=AVX2 or ATEN_CPU_CAPABILITY=avx2 (an AVX-512 machine made to run
+    as an AVX2 one, where bf16 convolutions are emulated and 10-50x slower)."""
+    from src import amp
+
+    def resolved(flags, **env):
+        for var in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY"):
+            monkeypatch.delenv(var, raising=False)
+        for var, value in env.items():
+            monkeypatch.setenv(var, value)
+        monkeypatch.setattr(amp, "cpu_flags", lambda: set(flags))
+        amp.cpu_has_native_bf16.cache_clear()
+        return amp.resolve_amp(True, "auto", "cpu")
+
+    try:
+        zen4 = {"avx2", "avx512f", "avx512_bf16"}
+        assert resolved(zen4)[0] == torch.bfloat16
+        assert resolved({"avx2", "amx_bf16"}, ONEDNN_MAX_CPU_ISA="AVX512_CORE_AMX")[0] \
+            == torch.bfloat16
+        for env in ({"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"DNNL_MAX_CPU_ISA": "avx512_core"},
+                    {"ATEN_CPU_CAPABILITY": "avx2"}):
+            dtype, scaler, why = resolved(zen4, **env)
+            assert (dtype, scaler) == (None, False) and "capped" in why, env
+        assert resolved({"avx2", "fma"})[0] is None
+        # asked for explicitly, bf16 is honoured and said to be slow
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+        amp.cpu_has_native_bf16.cache_clear()
+        dtype, _, why = amp.resolve_amp(True, "bfloat16", "cpu")
+        assert dtype == torch.bfloat16 and "slow" in why
+    finally:
+        monkeypatch.undo()
+        amp.cpu_has_native_bf16.cache_clear()

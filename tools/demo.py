@@ -37,12 +37,12 @@ from src import distributed as du  # noqa: E402
 
 # the small backbone, shared by pre-training and evaluation
 BACKBONE = ["--arch", "resnet18", "--cifar_stem", "true", "--width", "8"]
-# 32x32 images (tuned on this data, see README "Demo"): two crops of scale 0.2-1 resized to 24x24
-# (0.6x the step time of 32x32 on an AVX2 CPU; the evaluations see the whole 32x32 image, where
-# an object is about as many pixels as in an average crop) and no Gaussian blur (a sigma-2 blur
-# wipes out a small crop; 16x16 multi-crops made the features worse in this budget); prototypes
-# well above the feature dimension (with fewer prototypes than dimensions the head can map every
-# crop orthogonally to all of them: uniform scores, loss stuck at ln K)
+# 32x32 images (tuned on this data, see README "Demo"): two crops of scale 0.2-1 resized to 20x20
+# (about 0.4x the step time of 32x32 on an AVX2 CPU; the evaluations see the whole 32x32 image,
+# where an object is about as many pixels as in an average crop) and no Gaussian blur (a sigma-2
+# blur wipes out a small crop; 16x16 multi-crops made the features worse in this budget);
+# prototypes well above the feature dimension (with fewer prototypes than dimensions the head
+# can map every crop orthogonally to all of them: uniform scores, loss stuck at ln K)
 CROPS = ["--nmb_crops", "2", "--size_crops", "20", "--min_scale_crops", "0.2",
          "--max_scale_crops", "1", "--crops_for_assign", "0", "1", "--blur", "none"]
 COMMON = ["--batch_size", "64", "--use_fp16", "true", "--log_freq", "10",
