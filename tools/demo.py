@@ -83,7 +83,7 @@ KNN = ["--nb_knn", "20", "--temperature", "0.07", "--batch_size", "256"]
 # two clusterings of the val images by the trained network, each beside scikit-learn k-means on
 # the raw pixels with the same K = 10 (the number of classes): (1) the learned prototypes, each
 # image to its nearest one (argmax), the 100 prototypes grouped into 10 by k-means on their
-# vectors (measured on the README demo's checkpoint: NMI 0.627 grouped, 0.529 for the 100
+# vectors (measured on the 2026-12-05 demo's checkpoint: NMI 0.627 grouped, 0.529 for the 100
 # prototypes themselves, whose pixel k-means K = 100 gives 0.508: NMI over many small clusters
 # rewards purity, which pixels have too); SwAV and DeepCluster-v2 only, SimSiam has no
 # prototypes; (2) k-means with K = 10 on the backbone's features
