@@ -193,6 +193,12 @@ def train(train_loader, model, optimizer, epoch, lr_schedule, queue, args, *, sc
     return (epoch, progress.losses.avg), queue
 
 
+def queue_full(queue):
+    """Whether each crop's queue is full: its last (oldest) row non-zero, the test in
+    use_and_update_queue."""
+    return not bool((queue[:, -1, :] == 0).all(dim=-1).any())
+
+
 def queue_path(args):
     return os.path.join(args.dump_path, "queue" + str(args.rank) + ".pth")
 
@@ -273,6 +279,11 @@ def main(args):
     queue = None
     if args.queue_length > 0:
         queue = load_queue(args, queue_shape, to_restore)
+    if queue is not None and state.use_the_queue and not queue_full(queue):
+        # a queue grown at resume (--queue_length, --allow_batch_change) has empty rows: as a new
+        # queue it waits until full (the original's rule), its zero rows kept out of Sinkhorn
+        logger.warning("the resumed queue has empty rows: it is used again once full")
+        state.use_the_queue = False
 
     # the loss sits near ln(K) while the prototypes are frozen: count from their release
     monitor = CollapseMonitor.from_args(args, args.nmb_prototypes,

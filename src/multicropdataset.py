@@ -7,6 +7,7 @@ the crops do not depend on the number of workers, and a resumed run (even mid-ep
 exactly the crops an uninterrupted run would have seen.
 """
 import logging
+import threading
 from contextlib import nullcontext
 
 import torch
@@ -22,6 +23,9 @@ from .transforms import (BLURS, MEAN, STD, KernelGaussianBlur, PILRandomGaussian
 logger = logging.getLogger()
 
 BAD_COUNT_SLOTS = 64  # per-worker counters of unreadable images (worker id modulo this)
+# a slot's += is a read then a write: threads of one process (the DALI loader's file readers,
+# src/dali.py) count in the same slot one at a time, or a count could be lost
+_BAD_COUNT_LOCK = threading.Lock()
 
 
 def _open_rgb(path):
@@ -54,7 +58,7 @@ class SafeImageFolder(datasets.VisionDataset):
         self.targets = [s[1] for s in self.samples]
         self.strict_data = strict_data
         # DataLoader workers hold copies of the dataset: each counts its bad files in its own
-        # slot of a shared-memory tensor (shared under fork and spawn alike, no lock needed)
+        # slot of a shared-memory tensor (shared under fork and spawn alike, no lock across them)
         self._nmb_bad = torch.zeros(1 + BAD_COUNT_SLOTS, dtype=torch.int64).share_memory_()
         self._nmb_bad_reported = 0
 
@@ -98,7 +102,8 @@ class SafeImageFolder(datasets.VisionDataset):
                 if self.strict_data:
                     raise DataError(f"unreadable image {path}: {e}") from None
                 worker = torch.utils.data.get_worker_info()
-                self._nmb_bad[0 if worker is None else 1 + worker.id % BAD_COUNT_SLOTS] += 1
+                with _BAD_COUNT_LOCK:
+                    self._nmb_bad[0 if worker is None else 1 + worker.id % BAD_COUNT_SLOTS] += 1
                 logger.warning(f"skipping unreadable image {path}: {e}")
         raise DataError(f"no readable image in {self.root}")
 

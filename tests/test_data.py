@@ -1,3 +1,7 @@
+import os
+import threading
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -83,6 +87,44 @@ def test_corrupt_image_skipped_or_strict(image_folder, tmp_path):
     strict = MultiCropDataset(image_folder, **KW, strict_data=True)
     with pytest.raises(DataError, match="img_0.jpg"):
         strict[0]
+
+
+def test_threads_reading_files_count_every_unreadable_one(image_folder, monkeypatch):
+    """The DALI loader's reader threads (src/dali.py) count bad files in the same slot: a
+    counter whose read and write are apart (as a tensor's += may be, the GIL released between)
+    must still end at one count per file."""
+    class SlowCounter:  # a read-modify-write that lets other threads in between
+        def __init__(self, n):
+            self.values = [0] * n
+
+        def __getitem__(self, i):
+            value = self.values[i]
+            time.sleep(0.02)
+            return value
+
+        def __setitem__(self, i, value):
+            self.values[i] = value
+
+        def sum(self):
+            return sum(self.values)
+
+    ds = MultiCropDataset(image_folder, **KW)
+    ds._nmb_bad = SlowCounter(len(ds._nmb_bad))
+    missing = list(range(0, 12, 2))  # each followed by a readable file: one count per read
+    for i in missing:
+        os.remove(ds.samples[i][0])
+    start = threading.Barrier(len(missing))
+
+    def read(i):
+        start.wait()
+        assert ds.load_bytes(i)[1] == i + 1
+
+    threads = [threading.Thread(target=read, args=(i,)) for i in missing]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert ds.nmb_bad_images == len(missing)
 
 
 def test_blur_none_leaves_the_crop_unblurred_and_bad_names_fail():

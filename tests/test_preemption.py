@@ -123,6 +123,35 @@ def test_mid_epoch_stop_then_resume_equals_uninterrupted(uninterrupted, tmp_path
         assert torch.equal(recovered["state_dict"][key], expected["state_dict"][key]), key
 
 
+def test_a_queue_grown_at_a_mid_epoch_resume_waits_until_full(uninterrupted, tmp_path,
+                                                              monkeypatch):
+    """Stopped while the queue was in use, resumed with a longer --queue_length: the grown queue
+    has empty rows (zeros at its end), which must not go into Sinkhorn as scores of 0: it is used
+    again only once full, as a new queue (the original's rule)."""
+    image_folder, _ = uninterrupted
+    dump = str(tmp_path / "grown")
+    _signal_at_step(monkeypatch, 4)  # epoch 1, iteration 1: the queue is in use
+    with pytest.raises(SystemExit):
+        _main(tiny_swav_argv(image_folder, dump, EXTRA))
+    assert _load(dump)["epoch_state"]["use_the_queue"] is True
+    preemption.reset()
+    monkeypatch.undo()
+
+    rows, sinkhorn = [], main_swav.distributed_sinkhorn
+
+    def recording(out, *a, **kw):
+        rows.append(out.shape[0])
+        return sinkhorn(out, *a, **kw)
+
+    monkeypatch.setattr(main_swav, "distributed_sinkhorn", recording)
+    _main(tiny_swav_argv(image_folder, dump, [*EXTRA, "--queue_length", "32"]))
+    # the one iteration left of epoch 1, two assigned crops: the batch's 8 scores, no queue rows
+    assert rows == [8, 8]
+    assert "the resumed queue has empty rows: it is used again once full" in open(
+        os.path.join(dump, "train.log")).read()
+    assert _load(dump)["queue"][0, :, :24].abs().sum(-1).gt(0).all()  # 16 kept + 8 new rows
+
+
 def test_sigterm_checkpoints_mid_epoch_without_requeue(uninterrupted, tmp_path, monkeypatch):
     """scancel / torchrun / a container platform: SIGTERM stops like USR1 but never requeues."""
     image_folder, ref = uninterrupted
