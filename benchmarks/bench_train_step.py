@@ -223,7 +223,10 @@ def main():
     cuda = args.device.startswith("cuda")
     configs = args.configs or (CUDA_CONFIGS if cuda else CPU_CONFIGS)
     for c in configs:
-        parse_config(c, args.device)  # fail early on a typo
+        try:
+            parse_config(c, args.device)  # fail early on a typo, in one line
+        except ValueError as e:
+            sys.exit(f"error: --configs: {e}")
     if "fp32" not in configs:
         configs = ["fp32"] + configs  # the baseline is always measured in the same run
     sizes = [s for n, s in zip(args.nmb_crops, args.size_crops) for _ in range(n)]
