@@ -133,6 +133,17 @@ def _move(tensor, device):
     return tensor if tensor.device == device else tensor.to(device)
 
 
+def _make(values, dtype, device):
+    """A 1-d tensor of `values` on `device`, made there by fills (tests swap this with _move)."""
+    return torch.cat([torch.full((1,), v, dtype=dtype, device=device) for v in values])
+
+
+def backend_tensor(values, dtype=torch.float32):
+    """A small tensor of `values` for a collective, made on the backend's device: on a GPU by
+    fill kernels, not by a host-to-device copy (a blocking copy waits for every queued kernel)."""
+    return _make(values, dtype, backend_device())
+
+
 def _on_backend(tensor):
     """(tensor on the backend device, contiguous: the collectives need both; whether it moved)."""
     moved = _move(tensor, backend_device()).contiguous()

@@ -95,16 +95,19 @@ class CollapseMonitor:
         self.usage = [None] * len(self.ks)  # per head: assignment counts over the prototypes
 
     # ------------------------------------------------------------------ per iteration
-    def update(self, loss, codes=None, assignments=None, iteration=None):
+    def update(self, loss, codes=None, assignments=None, iteration=None, agree=True):
         """Record one iteration.
 
         loss: a float or a 0-d tensor. codes: soft assignments (B x K, rows sum to 1), or a list
         of them (SwAV: one per assigned crop; with several heads: one per head, in head order).
         assignments: hard prototype ids (B,), or a list per head; negative ids (DeepCluster-v2's
         -100 for unassigned samples) are ignored. Nothing here synchronises the device except
-        reading the loss (and one scalar all-reduce per call when stop=True and distributed).
-        loss None: only the codes/assignments (no sync); the training loops give the losses
-        later, as numbers (src/progress.py EpochProgress reads them once per log interval).
+        reading the loss (and, when stop=True and distributed, the ranks' agreement: one
+        scalar all-reduce per call with agree=True; EpochProgress, which gives a log interval's
+        losses at once, asks it for the last one only, so once per log interval, every rank
+        at the same value). loss None: only the codes/assignments (no sync); the training loops
+        give the losses later, as numbers (src/progress.py EpochProgress reads them once per log
+        interval).
         """
         for i, q in enumerate(_as_list(codes)):
             h = i if len(self.ks) > 1 else 0
@@ -131,7 +134,7 @@ class CollapseMonitor:
             if du.is_main_process():
                 logger.warning(self.warning_text(iteration))
             self.warned = True
-        if self.stop and self.patience > 0:
+        if self.stop and self.patience > 0 and agree:
             self._maybe_stop(iteration)
 
     def _count(self, h, ids, k):
@@ -146,8 +149,8 @@ class CollapseMonitor:
         collapsed = self.collapsed_at is not None
         if du.get_world_size() > 1:
             # every rank stops at the same iteration, else the others would hang in a collective
-            flag = torch.tensor([float(collapsed)], device=self.device)
-            du.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            flag = du.all_reduce(du.backend_tensor([float(collapsed)]),
+                                 op=torch.distributed.ReduceOp.MAX)
             collapsed = bool(flag.item() > 0)
         if collapsed:
             where = "" if self.collapsed_at is not None else " (detected on another rank)"

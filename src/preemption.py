@@ -16,8 +16,9 @@ Slurm job (SIGUSR1) or exit (SIGTERM, SIGINT).
   loadable: every save is atomic).
 
 The handler only sets a flag. `EpochProgress` (src/progress.py) calls `should_stop()` after every
-step in one process and, when distributed, at each log iteration and at least every
-`STOP_CHECK_EVERY` steps (reading the all-reduced flag is a host sync, taken with the losses');
+step in one process and, when distributed, at the checks every rank agreed on: at each log
+iteration, and more often when a log interval lasts longer than about STOP_CHECK_SECONDS (the
+all-reduced flag is read on the device in the same host sync as the losses);
 it all-reduces the flag (the strongest signal wins: INT > TERM > USR1), so every rank stops
 after the same step and leaves the same way, even when the signal reached the ranks at different
 moments or only some of them. The entry point then writes a checkpoint at that iteration and
@@ -103,15 +104,20 @@ def requested():
     return _state.received is not None
 
 
-def stop_flag():
-    """The strongest stop signal's code (0: none; INT > TERM > USR1) all-reduced (MAX) across
-    ranks, as a 1-element tensor not read yet: a collective, every rank calls it at the same points; pass its value to
-    should_stop(). None when there is nothing to reduce (not installed, already agreed, or one
-    process)."""
-    if not _state.installed or _state.agreed or du.get_world_size() == 1:
+def needs_agreement():
+    """Whether a stop check must be agreed by a collective: installed, not agreed yet, and more
+    than one process (the same answer on every rank)."""
+    return _state.installed and not _state.agreed and du.get_world_size() > 1
+
+
+def stop_flag(*also):
+    """The strongest stop signal's code (0: none; INT > TERM > USR1), then the integers `also`
+    (EpochProgress: the steps to its next check, negated), all-reduced (MAX) across ranks in one
+    collective, as a tensor not read yet: every rank calls it at the same points; pass its first
+    value to should_stop(). None when there is nothing to agree on (needs_agreement)."""
+    if not needs_agreement():
         return None
-    # made on the host and moved by du (one small copy per log interval), like every collective
-    t = torch.full((1,), _CODE.get(_state.received, 0), dtype=torch.int32)
+    t = du.backend_tensor([_CODE.get(_state.received, 0), *also], torch.int32)  # no host sync
     return du.all_reduce(t, dist.ReduceOp.MAX)
 
 
@@ -128,7 +134,7 @@ def should_stop(reduced=None):
     if reduced is not None:
         flag = int(reduced)
     elif du.get_world_size() > 1:
-        flag = int(stop_flag().item())
+        flag = int(stop_flag()[0].item())
     else:
         flag = _CODE.get(_state.received, 0)
     if flag:

@@ -14,7 +14,9 @@ from .utils import AverageMeter
 logger = logging.getLogger()
 
 
-STOP_CHECK_EVERY = 10  # steps between two distributed stop checks, at most
+# distributed, a stop request is agreed at the log iterations and, when a log interval lasts
+# longer, about this often (Slurm's SIGTERM leaves 30 s for the step and the checkpoint)
+STOP_CHECK_SECONDS = 10.0
 
 
 class EpochProgress:
@@ -27,9 +29,11 @@ class EpochProgress:
     non-finite checks (which may raise NonFiniteLossError).
 
     Preemption (src/preemption.py, once installed): every rank asks whether a stop was requested
-    at the same steps (after every step in one process, where it is a flag; at each log
-    iteration when distributed, where it is an all-reduce read in the same sync as the losses).
-    If so, and steps remain, the epoch ends early with `stopped_at` = the next iteration.
+    at the same steps: after every step in one process, where it is a flag; distributed, where
+    it is an all-reduce read in the same sync as the losses, at each log iteration and, if a log
+    interval lasts longer than STOP_CHECK_SECONDS, about that often: each check also agrees on
+    the steps to the next one (the slowest rank's steps per STOP_CHECK_SECONDS; the first check
+    is after the epoch's first step, before any step was timed). If so, and steps remain, the epoch ends early with `stopped_at` = the next iteration.
     `state` (the entry point's EpochState, saved in a mid-epoch checkpoint) then gets
     `stopped_at` and `loss_meter` (every rank's [sum, count]), and a resumed epoch given that
     state continues each rank's loss average, so the epoch's stats rows equal an uninterrupted
@@ -57,21 +61,22 @@ class EpochProgress:
     def __iter__(self):
         self.end = time.time()
         distributed = du.get_world_size() > 1
+        next_check = self.start_iter  # distributed stop checks: see the class's docstring
         for it, batch in enumerate(self.loader, start=self.start_iter):
             self.data_time.update(time.time() - self.end)
             yield it, self.epoch * self.niter_per_ep + it, batch
             stop = False
             log = it % self.log_freq == 0
-            # distributed, the stop request is an all-reduce read in one host sync with the
-            # losses: at the log iterations, and at least every STOP_CHECK_EVERY steps so that
-            # a SIGTERM's checkpoint fits Slurm's 30 s grace however rarely the run logs
-            if log or (distributed and it % STOP_CHECK_EVERY == 0):
-                flag = preemption.stop_flag() if distributed else None
-                reduced = self.flush(flag)
-                if log:
-                    self.log(it)
-                stop = preemption.should_stop(reduced)
-            elif not distributed:
+            agree = distributed and preemption.needs_agreement()
+            if agree and (log or it >= next_check):
+                code, steps = self.flush(preemption.stop_flag(-self._steps_per_check()))
+                next_check = it - steps  # the smallest proposal: steps came negated (MAX)
+                stop = preemption.should_stop(code)
+            elif log:
+                self.flush()
+            if log:
+                self.log(it)
+            if not agree:  # one process, or nothing to agree on: a flag, no collective
                 stop = preemption.should_stop()
             # a stop after the last step is an ordinary end of epoch
             if stop and it + 1 < self.niter_per_ep:
@@ -94,6 +99,10 @@ class EpochProgress:
                            "each replaced by the next readable one (the warnings above name "
                            "them; --strict_data stops on the first instead)")
 
+    def _steps_per_check(self):
+        """This rank's steps per STOP_CHECK_SECONDS (its mean step time so far), 1 to log_freq."""
+        return max(1, min(self.log_freq, int(STOP_CHECK_SECONDS / max(self.batch_time.avg, 1e-6))))
+
     def update(self, it, loss, n, lr):
         """Record this iteration's loss (a tensor: read later, by flush; or a number)."""
         self.batch_time.update(time.time() - self.end)
@@ -106,9 +115,9 @@ class EpochProgress:
         self._checks.append((iteration, bad, first_bad, scale, names_or_scaler))
 
     def flush(self, extra=None):
-        """Read every recorded loss and check, and `extra` (a 1-element tensor), in one host
-        sync; apply the checks (may raise NonFiniteLossError), then feed the loss meter and the
-        monitor in order. Returns extra's value (None without it)."""
+        """Read every recorded loss and check, and `extra` (a 1-d tensor), in one host sync;
+        apply the checks (may raise NonFiniteLossError), then feed the loss meter and the
+        monitor in order. Returns extra's values (None without it)."""
         tensors = [loss for _, loss, _ in self._losses if torch.is_tensor(loss)]
         for _, bad, first, scale, _ in self._checks:
             tensors += [t for t in (bad, first, scale) if t is not None]
@@ -123,7 +132,7 @@ class EpochProgress:
         checks = [(i, next(values), None if f is None else int(next(values)),
                    None if sc is None else next(values), names)
                   for i, bad, f, sc, names in self._checks]
-        reduced = next(values) if extra is not None else None
+        reduced = None if extra is None else [int(next(values)) for _ in range(extra.numel())]
         self._losses, self._checks = [], []
         loss_at = {self.epoch * self.niter_per_ep + it: v for it, v, _ in losses}
         for iteration, bad, first, scale, names in checks:
@@ -139,10 +148,12 @@ class EpochProgress:
                     f"non-finite gradient of {names[first]} at iteration {iteration} (loss "
                     f"{loss:.4f}): stopping before any checkpoint (the last checkpoint was not "
                     "overwritten)")
-        for it, value, n in losses:
+        for k, (it, value, n) in enumerate(losses):
             self.losses.update(value, n)
-            if self.monitor is not None:  # collapse: the loss at ln(K) (warns, or stops)
-                self.monitor.update(value, iteration=self.epoch * self.niter_per_ep + it)
+            if self.monitor is not None:  # collapse: the loss at ln(K) (warns, or stops: agreed
+                # by the ranks once per read, at its last loss)
+                self.monitor.update(value, iteration=self.epoch * self.niter_per_ep + it,
+                                    agree=k == len(losses) - 1)
         return reduced
 
     def log(self, it):

@@ -64,7 +64,9 @@ def optimizer_step(loss, model, optimizer, scaler, iteration, progress=None):
             scaler.step(optimizer)
             scaler.update()
             skipped = (found > 0) | ~torch.isfinite(loss.detach())
-            progress.defer_check(iteration, skipped, None, scaler._get_scale_async(), scaler)
+            # a copy: update() changes the scale tensor in place at every later step
+            progress.defer_check(iteration, skipped, None, scaler._get_scale_async().clone(),
+                                 scaler)
             return
         scale = scaler.get_scale()
         scaler.step(optimizer)

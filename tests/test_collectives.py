@@ -77,6 +77,8 @@ def nccl(monkeypatch):
         monkeypatch.setattr(dist, name, fake)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(du, "_move", _fake_move, raising=False)  # raising=False: old code lacks it
+    monkeypatch.setattr(du, "_make", lambda values, dtype, device: _fake_move(
+        torch.tensor(values, dtype=dtype), device), raising=False)
     return calls
 
 
@@ -174,9 +176,17 @@ def test_meters_gathers_and_preemption_under_nccl(nccl, monkeypatch, tmp_path):
         args = entry_args("main_swav", ["--dump_path", str(tmp_path)], rank=0, world_size=2)
         state = EpochState()
         progress = EpochProgress([0, 1, 2], 0, args, state=state)
+        uploads = []  # host -> GPU copies: a blocking one waits for every queued kernel
+
+        def recording_move(tensor, device):
+            if device.type == "cuda" and not isinstance(tensor, OnGPU):
+                uploads.append(tensor.dtype)
+            return _fake_move(tensor, device)
+        monkeypatch.setattr(du, "_move", recording_move)
         for it, _, _ in progress:
             progress.update(it, 1.5, 4, 0.1)
         assert state["stopped_at"] == 1 and state["loss_meter"] == [[6.0, 4], [6.0, 4]]
+        assert torch.int32 not in uploads  # the stop flag is made on the GPU, not copied there
         with pytest.raises(SystemExit) as exit_:
             preemption.exit_after_checkpoint(args)
         assert exit_.value.code == preemption.REQUEUE_EXIT_CODE

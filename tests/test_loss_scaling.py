@@ -116,3 +116,29 @@ def test_evaluation_train_epoch_scaled_equals_unscaled():
                                        weight_decay=1e-4))
             evaluation.train_epoch(model, [model], loader, opt, 0, args, scaler)
         _assert_same_weights(scaled, plain, initial)
+
+
+def test_deferred_checks_record_each_steps_own_loss_scale():
+    """The checks read once per log interval keep the scale each step left (update() changes
+    the scaler's scale tensor in place): steps 1 and 2 overflow, 1024 -> 512 -> 256."""
+    from src.amp import NonFiniteGuard
+    from src.progress import EpochProgress
+    from src.step import backward, optimizer_step
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1000)
+    scaler.nonfinite_guard = NonFiniteGuard(10)
+    recorded = []
+    record = scaler.nonfinite_guard.record
+    scaler.nonfinite_guard.record = lambda skipped, it, loss, scale: (
+        recorded.append((it, skipped, scale)), record(skipped, it, loss, scale))
+    args = entry_args("main_swav", ["--log_freq", "100"], rank=0, world_size=1)
+    progress = EpochProgress(list(range(4)), 0, args)  # one read: at iteration 0, then the end
+    for it, iteration, _ in progress:
+        loss = model(torch.ones(1, 3)).sum() * (float("inf") if it in (1, 2) else 1.0)
+        backward(loss, optimizer, scaler, iteration, progress)
+        optimizer_step(loss, model, optimizer, scaler, iteration, progress)
+        progress.update(it, loss, 1, 0.1)
+    assert recorded == [(0, False, 1024.0), (1, True, 512.0), (2, True, 256.0),
+                        (3, False, 256.0)]

@@ -121,7 +121,7 @@ def test_distributed_stop_check_once_per_log_interval_in_the_same_read(monkeypat
     reduces = []
 
     def all_reduce(t, op=None):  # a fake 2-rank group: this rank's flag is the maximum
-        if t.dtype == torch.int32 and t.numel() == 1:  # the stop flag (Sinkhorn's sums aside)
+        if t.dtype == torch.int32 and t.numel() == 2:  # the stop flag, the steps to the next
             reduces.append(t.clone())
         return t
     monkeypatch.setattr(du, "get_world_size", lambda: 2)
@@ -183,12 +183,22 @@ def test_deepclusterv2_reads_once_per_log_interval(monkeypatch):
     assert np.isfinite(loss)
 
 
-def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(monkeypatch):
-    """A SIGTERM gives 30 s before SIGKILL: with --log_freq 100 the ranks still agree on a stop
-    within STOP_CHECK_EVERY steps, not at the next log iteration."""
-    from src.progress import STOP_CHECK_EVERY, EpochProgress
+class FakeClock:
+    """time.time() for src/progress.py: each step lasts what the test says."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def time(self):
+        return self.now
+
+
+def _distributed_checks(monkeypatch, step_s, iters, log_freq, signal_at=None, start_iter=0):
+    """(iterations where the ranks agreed on a stop check, EpochProgress) of a fake 2-rank epoch
+    with preemption installed, steps of `step_s` seconds, SIGTERM received during `signal_at`."""
+    from src import progress as progress_module
     from src.runstate import EpochState
-    checks = []
+    checks, clock = [], FakeClock()
 
     def all_reduce(t, op=None):
         checks.append(it)
@@ -196,16 +206,57 @@ def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(mo
     monkeypatch.setattr(du, "get_world_size", lambda: 2)
     monkeypatch.setattr(du, "all_gather", lambda t: [t, t])
     monkeypatch.setattr(du, "all_reduce", all_reduce)
-    preemption.reset()
+    monkeypatch.setattr(progress_module, "time", clock)
     preemption.install()
-    try:
-        args = entry_args("main_swav", ["--log_freq", "100"], rank=0, world_size=2)
-        progress = EpochProgress(list(range(40)), 0, args, state=EpochState())
-        for it, _, _ in progress:
-            progress.update(it, 1.0, 4, 0.1)
-            if it == 13:
-                preemption._state.received = "SIGTERM"  # as the handler does
-        assert checks[:2] == [0, STOP_CHECK_EVERY] and STOP_CHECK_EVERY <= 10
-        assert progress.stopped_at == 21  # agreed at iteration 20, not at the log iteration 100
-    finally:
-        preemption.reset()
+    args = entry_args("main_swav", ["--log_freq", str(log_freq)], rank=0, world_size=2)
+    progress = progress_module.EpochProgress(list(range(iters - start_iter)), 0, args,
+                                             start_iter=start_iter, state=EpochState())
+    for it, _, _ in progress:
+        clock.now += step_s
+        progress.update(it, 1.0, 4, 0.1)
+        if it == signal_at:
+            preemption._state.received = "SIGTERM"  # as the handler does
+    return checks, progress
+
+
+def test_distributed_stop_check_once_per_log_interval_when_steps_are_fast(monkeypatch):
+    """The default --log_freq 50 at 0.1 s a step (5 s a log interval): the stop check is the
+    log iterations' read, no other (before: every 10 steps, 5 host syncs a log interval)."""
+    checks, _ = _distributed_checks(monkeypatch, 0.1, 160, 50)
+    assert checks == [0, 50, 100, 150]
+
+
+def test_distributed_stop_checked_every_few_steps_however_rarely_the_run_logs(monkeypatch):
+    """A SIGTERM gives 30 s before SIGKILL: with --log_freq 100 and 3 s steps the ranks agree
+    on a stop within STOP_CHECK_SECONDS (3 steps), not at the next log iteration (300 s)."""
+    from src.progress import STOP_CHECK_SECONDS
+    checks, progress = _distributed_checks(monkeypatch, 3.0, 40, 100, signal_at=13)
+    assert STOP_CHECK_SECONDS <= 10 and checks == [0, 3, 6, 9, 12, 15]
+    assert progress.stopped_at == 16  # agreed at iteration 15, not at the log iteration 100
+
+
+def test_a_resumed_epoch_checks_after_its_first_step(monkeypatch):
+    """Resumed mid-epoch (iteration 37, no log iteration near), the first check comes after
+    the first step, which times the steps for the next."""
+    checks, _ = _distributed_checks(monkeypatch, 1.0, 70, 50, start_iter=37)
+    assert checks == [37, 47, 50, 60]
+
+
+def test_stop_on_collapse_agrees_once_per_read_not_per_loss(monkeypatch):
+    """--stop_on_collapse with several ranks: the monitor's agreement (an all-reduce read at
+    once) comes once per read of the losses, at its last loss, not for every step's loss."""
+    from src.progress import EpochProgress
+    agreements = []
+
+    def all_reduce(t, op=None):
+        agreements.append(t.numel())
+        return t
+    monkeypatch.setattr(du, "get_world_size", lambda: 2)
+    monkeypatch.setattr(du, "all_reduce", all_reduce)
+    monitor = CollapseMonitor(10, patience=100, stop=True)
+    args = entry_args("main_swav", ["--log_freq", "5"], rank=0, world_size=2)
+    progress = EpochProgress(list(range(20)), 0, args, monitor=monitor)
+    for it, _, _ in progress:
+        progress.update(it, torch.tensor(1.0), 4, 0.1)
+    # reads at the log iterations 0, 5, 10, 15 and at the end (16-19): before, one per step (20)
+    assert agreements == [1] * 5 and monitor.loss_n == 20
