@@ -100,6 +100,27 @@ def scaler_state_from_apex(amp_state):
             "growth_interval": 2000, "_growth_tracker": 0}
 
 
+class _ScalerFromCheckpoint:
+    """Loads a GradScaler from our 'scaler' entry or from an old apex 'amp' entry."""
+
+    def __init__(self, scaler):
+        self.scaler = scaler
+
+    def load_state_dict(self, state):
+        self.scaler.load_state_dict(scaler_state_from_apex(state))
+
+
+def scaler_to_restore(scaler):
+    """What a checkpoint's loss-scaler state is loaded into (restart_from_checkpoint's `scaler`):
+    None without an enabled scaler (fp32, bf16: nothing to restore)."""
+    return _ScalerFromCheckpoint(scaler) if scaler is not None and scaler.is_enabled() else None
+
+
+def scaler_entry(scaler):
+    """The checkpoint entry of an enabled loss scaler ({"scaler": state}), else {}."""
+    return {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
+
+
 class NonFiniteLossError(RuntimeError):
     pass
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import torchvision.transforms as transforms
 
 from . import distributed as du
-from .amp import autocast, make_scaler, resolve_amp
+from .amp import autocast, make_scaler, resolve_amp, scaler_entry, scaler_to_restore
 from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
                          check_resume_flags, model_state_dict, restart_from_checkpoint,
                          truncate_stats)
@@ -355,23 +355,28 @@ def gather_shards(local_feats, local_labels, size):
 
 # ----------------------------------------------------------------------------- train / validate
 class ClassificationMeter:
-    """Sums of loss, top-1 and top-5 hits and samples; `summary()` all-reduces them."""
+    """Sums of loss, top-1 and top-5 hits and samples, kept on the outputs' device (no host
+    sync per batch); `summary()` all-reduces and reads them."""
 
     def __init__(self):
-        self.sums = torch.zeros(4, dtype=torch.float64)
+        self.sums = None
 
     def update(self, loss, output, target):
-        n = target.shape[0]
+        """Add a batch (`loss`: its mean, a tensor); returns its (top-1, top-5) %, unread."""
         acc1, acc5 = accuracy(output.detach().float(), target, topk=(1, 5))
-        self.sums += torch.tensor([loss * n, acc1.item() * n / 100, acc5.item() * n / 100, n],
-                                  dtype=torch.float64)
-        return acc1.item(), acc5.item()
+        batch = torch.stack([loss.detach().double(), acc1.double() / 100, acc5.double() / 100,
+                             torch.ones_like(acc1, dtype=torch.float64)]) * target.shape[0]
+        self.sums = batch if self.sums is None else self.sums + batch
+        return acc1, acc5
 
     def summary(self):
-        """(loss, top-1 %, top-5 %) over every rank's samples, each counted once."""
-        sums = du.all_reduce(self.sums.clone())
-        n = max(sums[3].item(), 1)
-        return sums[0].item() / n, 100 * sums[1].item() / n, 100 * sums[2].item() / n
+        """(loss, top-1 %, top-5 %) over every rank's samples, each counted once (a rank
+        without samples takes part in the all-reduce with zeros)."""
+        sums = self.sums.clone() if self.sums is not None else du.backend_tensor([0.0] * 4,
+                                                                                torch.float64)
+        loss, hits1, hits5, n = du.all_reduce(sums).tolist()
+        n = max(n, 1)
+        return loss / n, 100 * hits1 / n, 100 * hits5 / n
 
 
 def eval_scaler(args):
@@ -395,7 +400,6 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
                  for module in modules for m in module.modules())
     criterion = nn.CrossEntropyLoss()
     meter, batch_time, data_time = ClassificationMeter(), AverageMeter(), AverageMeter()
-    losses = AverageMeter()
     end = time.perf_counter()
     for it, (inp, target) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
@@ -410,16 +414,21 @@ def train_epoch(forward, modules, loader, optimizer, epoch, args, scaler=None):
         scaler.scale(loss).backward()
         scaler.step(optimizer)
         scaler.update()
-        acc1, _ = meter.update(loss.item(), output, target)
-        losses.update(loss.item(), target.shape[0])
+        acc1, _ = meter.update(loss, output, target)
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if args.rank == 0 and it % args.log_freq == 0:
+            # the one host read of a log interval: this batch's loss and top-1, this rank's
+            # mean loss so far
+            loss_now, acc1_now, loss_sum, n = torch.cat([
+                loss.detach().double().view(1), acc1.double().view(1),
+                meter.sums[0::3]]).tolist()  # a slice: no index tensor to copy
             lrs = " ".join(f"{g['lr']:.4g}" for g in optimizer.param_groups)
             logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                        f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {acc1:.3f}\tLR {lrs}")
+                        f"Loss {loss_now:.4f} ({loss_sum / n:.4f})\tPrec {acc1_now:.3f}\t"
+                        f"LR {lrs}")
     return (epoch, *meter.summary())
 
 
@@ -433,7 +442,7 @@ def validate(forward, modules, loader, args):
     for inp, target in loader:
         target = target.to(args.device, non_blocking=True)
         output = forward(inp).float()
-        meter.update(criterion(output, target).item(), output, target)
+        meter.update(criterion(output, target), output, target)
     return meter.summary()
 
 
@@ -460,23 +469,25 @@ def start_eval(args, name, columns=SUPERVISED_COLUMNS):
     return paths, stats, TensorBoard(args, name)
 
 
-def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args):
+def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args, scaler=None):
     if args.rank != 0:
         return
     atomic_save({"epoch": epoch + 1, "state_dict": model_state_dict(model),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "best_acc": list(best_acc),
+                 "best_acc": list(best_acc), **scaler_entry(scaler),
                  "args": {k: v for k, v in vars(args).items()
                           if isinstance(v, (int, float, str, bool, list, type(None)))}}, path)
 
 
-def resume_eval_state(path, model, optimizer, scheduler, args=None):
+def resume_eval_state(path, model, optimizer, scheduler, args=None, scaler=None):
     """(start epoch, best (top-1, top-5)) from `path` when it exists. Any number of processes
-    resumes (the head, optimizer and per-epoch scheduler are the same on every rank); flag
-    changes are logged and a change of the global batch refused as in pre-training."""
+    resumes (the head, optimizer and per-epoch scheduler are the same on every rank); an fp16
+    loss scaler continues at its scale; flag changes are logged and a change of the global
+    batch refused as in pre-training."""
     to_restore = {"epoch": 0, "best_acc": [0.0, 0.0], "args": None}
     loaded = restart_from_checkpoint(path, run_variables=to_restore, state_dict=model,
-                                     optimizer=optimizer, scheduler=scheduler)
+                                     optimizer=optimizer, scheduler=scheduler,
+                                     scaler=scaler_to_restore(scaler))
     if loaded and args is not None:
         check_resume_flags(to_restore["args"], args, loaded)
     return to_restore["epoch"], tuple(to_restore["best_acc"])
@@ -489,7 +500,7 @@ def fit(name, forward, module, loaders, optimizer, scheduler, scaler, training_s
     Returns {top1, top5} of the last epoch and {best_top1, best_top5}."""
     train_loader, val_loader = loaders
     start_epoch, best_acc = resume_eval_state(paths["checkpoint"], module, optimizer, scheduler,
-                                              args)
+                                              args, scaler)
     truncate_stats(training_stats, start_epoch)
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
@@ -505,7 +516,8 @@ def fit(name, forward, module, loaders, optimizer, scheduler, scaler, training_s
         tb.scalars(epoch, name, loss=scores[1], prec1=scores[2], loss_val=scores_val[0],
                    prec1_val=scores_val[1], prec5_val=scores_val[2], **lrs)
         scheduler.step()
-        save_eval_state(paths["checkpoint"], epoch, module, optimizer, scheduler, best_acc, args)
+        save_eval_state(paths["checkpoint"], epoch, module, optimizer, scheduler, best_acc, args,
+                        scaler)
     du.barrier()
     tb.close()
     last = training_stats.stats.iloc[-1] if len(training_stats.stats) else None  # resumed: done

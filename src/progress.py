@@ -33,8 +33,8 @@ class EpochProgress:
     it is an all-reduce read in the same sync as the losses, at each log iteration and, if a log
     interval lasts longer than STOP_CHECK_SECONDS, about that often: each check also agrees on
     the steps to the next one (the slowest rank's steps per STOP_CHECK_SECONDS; the first check
-    is after the epoch's first step, before any step was timed). If so, and steps remain, the epoch ends early with `stopped_at` = the next iteration.
-    `state` (the entry point's EpochState, saved in a mid-epoch checkpoint) then gets
+    is after the epoch's first step, before any step was timed). If so, and steps remain, the
+    epoch ends early with `stopped_at` = the next iteration. `state` (the entry point's EpochState, saved in a mid-epoch checkpoint) then gets
     `stopped_at` and `loss_meter` (every rank's [sum, count]), and a resumed epoch given that
     state continues each rank's loss average, so the epoch's stats rows equal an uninterrupted
     run's."""

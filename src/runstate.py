@@ -15,7 +15,7 @@ import torch
 
 from . import distributed as du
 from . import preemption
-from .amp import scaler_state_from_apex
+from .amp import scaler_entry, scaler_to_restore
 from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume_flags,
                          checkpoint_candidates, get_rng_state, map_start_iter, model_state_dict,
                          remove_stale_tmp_files, reshard, restart_from_checkpoint,
@@ -98,8 +98,7 @@ def save_training_state(args, epoch, model, optimizer, scaler, extra=None, start
         "args": {k: v for k, v in vars(args).items()
                  if isinstance(v, (int, float, str, bool, list, type(None)))},
     }
-    if scaler is not None and scaler.is_enabled():
-        save_dict["scaler"] = scaler.state_dict()
+    save_dict.update(scaler_entry(scaler))
     if start_iter:
         save_dict["start_iter"] = int(start_iter)
     save_dict.update(extra or {})
@@ -133,7 +132,7 @@ def resume_training_state(args, model, optimizer, scaler, training_stats=None, e
     loaded = restart_from_checkpoint(
         [explicit] if explicit else checkpoint_candidates(args.dump_path), fallback=not explicit,
         run_variables=to_restore, state_dict=model, optimizer=optimizer,
-        scaler=_ScalerAdapter(scaler) if scaler is not None and scaler.is_enabled() else None)
+        scaler=scaler_to_restore(scaler))
     if loaded:
         old_global = check_resume_flags(to_restore["args"], args, loaded)
         to_restore["start_iter"] = map_start_iter(to_restore["start_iter"], old_global,
@@ -149,16 +148,6 @@ def resume_training_state(args, model, optimizer, scaler, training_stats=None, e
     if training_stats is not None:
         truncate_stats(training_stats, to_restore["epoch"])
     return to_restore
-
-
-class _ScalerAdapter:
-    """Loads a GradScaler from our 'scaler' entry or from an old apex 'amp' entry."""
-
-    def __init__(self, scaler):
-        self.scaler = scaler
-
-    def load_state_dict(self, state):
-        self.scaler.load_state_dict(scaler_state_from_apex(state))
 
 
 def end_epoch(args, epoch, model, optimizer, scaler, training_stats, scores, state, extra=None,

@@ -158,7 +158,7 @@ def test_collapse_monitor_with_deepclusterv2s_host_tensors(nccl):
 def test_meters_gathers_and_preemption_under_nccl(nccl, monkeypatch, tmp_path):
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     meter = ClassificationMeter()
-    meter.update(0.5, torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
+    meter.update(torch.tensor(0.5), torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
     loss, top1, top5 = meter.summary()
     assert (loss, top1, top5) == pytest.approx((0.5, 50.0, 100.0))
 

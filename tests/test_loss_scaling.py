@@ -142,3 +142,20 @@ def test_deferred_checks_record_each_steps_own_loss_scale():
         progress.update(it, loss, 1, 0.1)
     assert recorded == [(0, False, 1024.0), (1, True, 512.0), (2, True, 256.0),
                         (3, False, 256.0)]
+
+
+def test_evaluation_checkpoint_keeps_the_loss_scale(tmp_path):
+    """A resumed fp16 eval_linear / eval_semisup continues at the scale it had reached, not at
+    the initial 65536 (which would skip steps until it backed off again)."""
+    args = entry_args("eval_linear", [], device="cpu", rank=0, world_size=1)
+    model = nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    scaler.scale(torch.ones(()))  # the scale is made at first use
+    scaler.update(2.0 ** 8)  # where overflows had brought it
+    path = str(tmp_path / "checkpoint_eval_linear.pth.tar")
+    evaluation.save_eval_state(path, 0, model, optimizer, scheduler, (1.0, 2.0), args, scaler)
+    resumed = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    start, best = evaluation.resume_eval_state(path, model, optimizer, scheduler, args, resumed)
+    assert (start, best) == (1, (1.0, 2.0)) and resumed.get_scale() == 2.0 ** 8

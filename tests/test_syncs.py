@@ -260,3 +260,22 @@ def test_stop_on_collapse_agrees_once_per_read_not_per_loss(monkeypatch):
         progress.update(it, torch.tensor(1.0), 4, 0.1)
     # reads at the log iterations 0, 5, 10, 15 and at the end (16-19): before, one per step (20)
     assert agreements == [1] * 5 and monitor.loss_n == 20
+
+
+def test_evaluation_training_reads_once_per_log_interval(monkeypatch):
+    """eval_linear / eval_semisup's loop (evaluation.train_epoch): the meters stay on the
+    device; the log line's values are read once per log interval, the epoch's sums once."""
+    from src import evaluation
+    args = entry_args("eval_linear", ["--log_freq", "5"], device="cpu", rank=0, world_size=1)
+    g = torch.Generator().manual_seed(0)
+    loader = [(torch.randn(8, 12, generator=g), torch.randint(0, 4, (8,), generator=g))
+              for _ in range(10)]
+    model = torch.nn.Linear(12, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    counter = SyncCounter(monkeypatch)
+    with counter:
+        epoch, loss, top1, top5 = evaluation.train_epoch(model, [model], loader, optimizer, 0,
+                                                         args)
+    # iterations 0 and 5, then the summary (before: 6 per step, 60)
+    assert counter.count <= 3, counter.count
+    assert np.isfinite(loss) and 0 <= top1 <= top5 <= 100
