@@ -12,7 +12,7 @@ from src.checkpoint import unwrap
 from src.cli import (add_backbone_args, add_data_backend_arg, add_distributed_args, add_run_args,
                      run_main)
 from src.data import build_train_data, to_device
-from src.engine import build_precision, prepare_model, run_epochs
+from src.engine import build_precision, configure_backends, prepare_model, run_epochs
 from src.errors import UsageError
 from src.imagelist import check_data_path
 from src.multicropdataset import BLURS
@@ -168,6 +168,7 @@ def main(args):
         strict_data=args.strict_data, augment=args.augment))
 
     # build model: a bare backbone (no SwAV head) under SimSiam's projector and predictor
+    configure_backends(args)  # cuDNN autotuning, --tf32, before any forward
     backbone = build_backbone(args.arch, zero_init_residual=args.zero_init_residual,
                               cifar_stem=args.cifar_stem, width=args.width or None)
     model = SimSiam(backbone, args.dim, args.pred_dim, args.proj_hidden_dim)

@@ -11,8 +11,9 @@
 # data: images/s of the loader (bench_data.py) and training on JPEGs through the loader; then
 #   the dali stage when DALI imports.
 # dali: --data_backend dali (src/dali.py, never run on a GPU before): a tiny main_swav run, then
-#   RN50 2x224+6x96 batch 64 fp16 on JPEGs (its log's "Data" column: the wait for DALI). Skipped
-#   with a printed line when nvidia.dali does not import (pip install -r requirements-dali.txt).
+#   RN50 2x224+6x96 batch 64 fp16 on JPEGs (its log's "Data" column: the wait for DALI). Where
+#   nvidia.dali does not import (pip install -r requirements-dali.txt), `dali` fails and `data`
+#   skips it, saying so in its last line.
 # --dry-run prints the commands instead of running them (tests/test_feed.py parses them).
 # Every run writes to a fresh folder under OUT_DIR (default /tmp/gpu_suite): a rerun never
 # resumes an earlier run's checkpoint.
@@ -63,11 +64,19 @@ EVAL=(--arch resnet18 --width 8 --cifar_stem true --workers 2 --device cuda --us
       --resize 32 --center_crop 32 --batch_size 8 --data_path "$DATA/split"
       --pretrained "$OUT/swav/checkpoint.pth.tar")
 
-# dali_stage JPEG_DIR: --data_backend dali, where DALI imports (--dry-run prints it anyway)
+# dali_stage JPEG_DIR: --data_backend dali, where DALI imports (--dry-run prints it anyway);
+# within `data` a missing DALI skips it (said in the last line), `dali` alone fails
+SKIPPED=""
 dali_stage() {
   local jpegs=$1
   if [[ $DRY == 0 ]] && ! "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
-    echo "== dali: skipped (nvidia.dali does not import: $PY -m pip install -r requirements-dali.txt)"
+    local why="nvidia.dali does not import: $PY -m pip install -r requirements-dali.txt"
+    if [[ $PART == dali ]]; then
+      echo "error: the dali part needs DALI ($why)" >&2
+      exit 1
+    fi
+    echo "== dali: skipped ($why)"
+    SKIPPED=" (dali stage SKIPPED: not tested)"
     return 0
   fi
   run dali_tiny_data "$PY" -c "import sys; sys.path.insert(0, 'tests'); import conftest as c; \
@@ -114,11 +123,12 @@ common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
     --warmup 5 --iters 20 --configs fp16+cl+foreach --data_path "$DATA/jpegs" --workers 15
   dali_stage "$DATA/jpegs"
   ;;
-dali)  # the DALI backend alone (its own JPEGs)
-  if [[ $DRY == 1 ]] || "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
-    run jpegs "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; \
-common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
+dali)  # the DALI backend alone (its own JPEGs); fails where DALI does not import
+  if [[ $DRY == 0 ]] && ! "$PY" -c "import nvidia.dali" >/dev/null 2>&1; then
+    dali_stage "$DATA/jpegs"  # says why, exits 1
   fi
+  run jpegs "$PY" -c "import sys; sys.path.insert(0, 'benchmarks'); import common; \
+common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
   dali_stage "$DATA/jpegs"
   ;;
 *)
@@ -126,4 +136,4 @@ common.make_jpeg_folder('$DATA/jpegs', 2048, processes=16)"
   exit 2
   ;;
 esac
-echo "suite $PART: passed (results in $OUT)"
+echo "suite $PART: passed$SKIPPED (results in $OUT)"

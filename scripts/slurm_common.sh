@@ -84,7 +84,9 @@ swav_launch() {
     # no fallback to this host: on many nodes the others would wait for a rendezvous that never comes
     [ -n "$MASTER_ADDR" ] || swav_die "cannot name the first node of the allocation" \
         "(scontrol show hostnames '${SLURM_JOB_NODELIST:-}' gave nothing): set MASTER_ADDR"
-    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    # 10000-29999: below Linux's ephemeral range (32768-60999), whose ports outgoing
+    # connections may hold on rank 0's node
+    MASTER_PORT=${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
     local python=${PYTHON:-python3}
     # one loader worker per CPU of the task but one (the training loop's own); the original asked

@@ -52,6 +52,7 @@ def build_pretraining(args, niter_per_ep):
     head of K, or one per K when --nmb_prototypes is a list: src/resnet50.py MultiPrototypes),
     SyncBN, device, DDP, LARC + SGD, the per-iteration schedule and the precision. Returns
     (model, optimizer, lr_schedule, precision)."""
+    configure_backends(args)  # before any forward: DeepCluster-v2 fills its memory bank first
     model = build_backbone(args.arch, normalize=True, hidden_mlp=args.hidden_mlp,
                            output_dim=args.feat_dim, nmb_prototypes=args.nmb_prototypes,
                            cifar_stem=args.cifar_stem, width=args.width or None)
@@ -116,9 +117,8 @@ def forward_context(model, args):
 def run_epochs(train_loader, start_epoch, args, start_iter=0):
     """The frame of an entry point's epoch loop: yields start_epoch .. args.epochs - 1, each
     logged and with the sampler set to it (the first one from batch `start_iter`, for a
-    mid-epoch resume; the CUDA settings of configure_backends); once the loop is done, every
-    rank waits for the others and the end is logged."""
-    configure_backends(args)
+    mid-epoch resume); once the loop is done, every rank waits for the others and the end is
+    logged. (configure_backends ran at the set-up: build_pretraining, main_simsiam.)"""
     for epoch in range(start_epoch, args.epochs):
         logger.info("============ Starting epoch %i ... ============" % epoch)
         train_loader.sampler.set_epoch(epoch, start_iter if epoch == start_epoch else 0)

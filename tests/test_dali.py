@@ -457,7 +457,8 @@ SUITE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_suite_dali_stage(tmp_path):
     """`gpu_suite.sh dali`: main_swav runs with --data_backend dali on CUDA (flags its parser
-    accepts, fresh dump paths); where DALI does not import it is skipped with a line, and passes."""
+    accepts, fresh dump paths); where DALI does not import it fails in one line saying how to
+    install it (a green suite must not mean an untested DALI)."""
     out = subprocess.run(["bash", SUITE, "--dry-run", "dali", str(tmp_path)], check=True,
                          capture_output=True, text=True).stdout.splitlines()
     commands = [shlex.split(line) for line in out if "main_swav.py" in line]
@@ -473,6 +474,6 @@ def test_gpu_suite_dali_stage(tmp_path):
         return  # DALI imports here: the stage would run (on a GPU)
     proc = subprocess.run(["bash", SUITE, "dali", str(tmp_path / "run")], env=env,
                           capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert "== dali: skipped (nvidia.dali does not import" in proc.stdout
-    assert "requirements-dali.txt" in proc.stdout
+    assert proc.returncode == 1 and "passed" not in proc.stdout, proc.stdout
+    assert "error: the dali part needs DALI (nvidia.dali does not import" in proc.stderr
+    assert "requirements-dali.txt" in proc.stderr

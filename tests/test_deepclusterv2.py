@@ -293,3 +293,16 @@ def test_hidden_mlp_default_is_the_originals_flat_2048():
     # the original's DeepCluster-v2 default does not scale with the width of resnet50wN
     args = dc.get_args_parser().parse_args(["--arch", "resnet50w2"])
     assert args.hidden_mlp == 2048
+
+
+def test_cuda_settings_come_before_the_memory_banks_forward(image_folder, tmp_path, monkeypatch):
+    """cuDNN autotuning and --tf32 (configure_backends) are set before init_memory's forward
+    over the rank's shard, not only at the epochs: else that pass runs in cuDNN's default TF32
+    though --tf32 false promises IEEE fp32."""
+    from src import engine
+    order, init_memory = [], dc.init_memory
+    monkeypatch.setattr(engine, "configure_backends", lambda args: order.append("backends"))
+    monkeypatch.setattr(dc, "init_memory", lambda *a, **kw: (order.append("memory"),
+                                                             init_memory(*a, **kw))[1])
+    _main(_argv(image_folder, str(tmp_path / "dc"), ["--epochs", "1"]))
+    assert order[:2] == ["backends", "memory"]

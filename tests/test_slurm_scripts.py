@@ -183,7 +183,8 @@ def test_srun_line_rendezvous_and_overrides(tmp_path):
     args = main_swav.get_args_parser().parse_args(argv[py + 3:])
     assert args.epochs == 2 and args.nmb_crops == [2] and args.queue_length == 3840
     # master: the first host of the allocation; port from the job id
-    assert (tmp_path / "rendezvous").read_text().strip() == "gpu-node-07:21234"
+    # 10000 + job id % 20000: below the ephemeral ports (32768+) outgoing connections take
+    assert (tmp_path / "rendezvous").read_text().strip() == "gpu-node-07:11234"
     assert "(restart 0)" in r.stdout and (tmp_path / "exp").is_dir()
 
 
