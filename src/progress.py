@@ -34,10 +34,10 @@ class EpochProgress:
     interval lasts longer than STOP_CHECK_SECONDS, about that often: each check also agrees on
     the steps to the next one (the slowest rank's steps per STOP_CHECK_SECONDS; the first check
     is after the epoch's first step, before any step was timed). If so, and steps remain, the
-    epoch ends early with `stopped_at` = the next iteration. `state` (the entry point's EpochState, saved in a mid-epoch checkpoint) then gets
-    `stopped_at` and `loss_meter` (every rank's [sum, count]), and a resumed epoch given that
-    state continues each rank's loss average, so the epoch's stats rows equal an uninterrupted
-    run's."""
+    epoch ends early with `stopped_at` = the next iteration. `state` (the entry point's
+    EpochState, saved in a mid-epoch checkpoint) then gets `stopped_at` and `loss_meter` (every
+    rank's [sum, count]), and a resumed epoch given that state continues each rank's loss
+    average, so the epoch's stats rows equal an uninterrupted run's."""
 
     def __init__(self, loader, epoch, args, start_iter=0, log_freq=None, state=None,
                  monitor=None):
@@ -101,7 +101,8 @@ class EpochProgress:
 
     def _steps_per_check(self):
         """This rank's steps per STOP_CHECK_SECONDS (its mean step time so far), 1 to log_freq."""
-        return max(1, min(self.log_freq, int(STOP_CHECK_SECONDS / max(self.batch_time.avg, 1e-6))))
+        steps = int(STOP_CHECK_SECONDS / max(self.batch_time.avg, 1e-6))
+        return max(1, min(self.log_freq, steps))
 
     def update(self, it, loss, n, lr):
         """Record this iteration's loss (a tensor: read later, by flush; or a number)."""
@@ -123,11 +124,11 @@ class EpochProgress:
             tensors += [t for t in (bad, first, scale) if t is not None]
         if extra is not None:
             tensors.append(extra)
-        if not tensors:
+        if not tensors and not self._losses:
             return None
-        device = tensors[0].device
+        device = tensors[0].device if tensors else None
         values = iter(torch.cat([t.detach().reshape(-1).to(device, torch.float64)
-                                 for t in tensors]).tolist())  # the one host sync
+                                 for t in tensors]).tolist() if tensors else [])  # the one sync
         losses = [(it, next(values) if torch.is_tensor(v) else v, n) for it, v, n in self._losses]
         checks = [(i, next(values), None if f is None else int(next(values)),
                    None if sc is None else next(values), names)
