@@ -36,7 +36,9 @@ FLAGS = ["--device", "cpu", "--epochs", "2", "--batch_size", "2", "--nmb_crops",
          "0.3", "--nmb_prototypes", "20", "--feat_dim", "16", "--hidden_mlp", "64", "--workers",
          "0", "--use_fp16", "false", "--checkpoint_freq", "1", "--arch", "resnet18", "--width",
          "8", "--cifar_stem", "true", "--queue_length", "16", "--epoch_queue_starts", "0",
-         "--freeze_prototypes_niters", "2"]
+         "--freeze_prototypes_niters", "2",
+         # the ranks agree on a stop at the log iterations (steps this fast give no others)
+         "--log_freq", "8"]
 NITER = 48
 TIMEOUT = 600
 
