@@ -411,6 +411,15 @@ RUNTIME_FLAGS = {"rank", "local_rank", "world_size", "gpu_to_work_on", "device",
                  "dump_checkpoints", "dump_path", "resume", "dist_url", "allow_batch_change"}
 
 
+# the flag values a checkpoint's "args" entry records (they load with weights_only=True)
+RECORDED_TYPES = (int, float, str, bool, list, type(None))
+
+
+def recorded_flags(args):
+    """The "args" entry of a checkpoint: this run's flags of the RECORDED_TYPES."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, RECORDED_TYPES)}
+
+
 def _processes(n):
     return f"{n} process" if n == 1 else f"{n} processes"
 
@@ -434,7 +443,7 @@ def check_resume_flags(saved, args, path):
             logger.warning(f"resuming with --{k} {old_v!r} -> {new_v!r} (the checkpoint's run "
                            "had the first)")
     unrecorded = sorted(k for k in set(new) - set(saved) - RUNTIME_FLAGS
-                        if isinstance(new[k], (int, float, str, bool, list, type(None))))
+                        if isinstance(new[k], RECORDED_TYPES))
     if unrecorded:
         logger.info(f"{path} does not record --{' --'.join(unrecorded)} (an older version)")
     old_bs, old_ws = saved.get("batch_size"), saved.get("world_size")

@@ -27,8 +27,8 @@ import torchvision.transforms as transforms
 from . import distributed as du
 from .amp import autocast, make_scaler, resolve_amp, scaler_entry, scaler_to_restore
 from .checkpoint import (CheckpointError, NonFiniteStateError, atomic_save, check_finite_features,
-                         check_resume_flags, model_state_dict, restart_from_checkpoint,
-                         truncate_stats)
+                         check_resume_flags, model_state_dict, recorded_flags,
+                         restart_from_checkpoint, truncate_stats)
 from .cli import add_tf32_arg
 from .engine import configure_backends
 from .errors import UsageError
@@ -475,8 +475,7 @@ def save_eval_state(path, epoch, model, optimizer, scheduler, best_acc, args, sc
     atomic_save({"epoch": epoch + 1, "state_dict": model_state_dict(model),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "best_acc": list(best_acc), **scaler_entry(scaler),
-                 "args": {k: v for k, v in vars(args).items()
-                          if isinstance(v, (int, float, str, bool, list, type(None)))}}, path)
+                 "args": recorded_flags(args)}, path)
 
 
 def resume_eval_state(path, model, optimizer, scheduler, args=None, scaler=None):

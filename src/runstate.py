@@ -18,7 +18,7 @@ from . import preemption
 from .amp import scaler_entry, scaler_to_restore
 from .checkpoint import (CheckpointError, atomic_copy, atomic_save, check_resume_flags,
                          checkpoint_candidates, get_rng_state, map_start_iter, model_state_dict,
-                         remove_stale_tmp_files, reshard, restart_from_checkpoint,
+                         recorded_flags, remove_stale_tmp_files, reshard, restart_from_checkpoint,
                          set_rng_state, truncate_stats)
 
 logger = logging.getLogger()
@@ -95,8 +95,7 @@ def save_training_state(args, epoch, model, optimizer, scaler, extra=None, start
         "state_dict": model_state_dict(model),
         "optimizer": optimizer.state_dict(),
         "rng": get_rng_state(),
-        "args": {k: v for k, v in vars(args).items()
-                 if isinstance(v, (int, float, str, bool, list, type(None)))},
+        "args": recorded_flags(args),
     }
     save_dict.update(scaler_entry(scaler))
     if start_iter:
